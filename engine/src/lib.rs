@@ -1,1 +1,43 @@
-//! placeholder
+//! Switchboard: a thread-per-core push engine for customer-service platforms.
+//!
+//! The picture (Seastar's): memory and work are divided between cores, and cores talk only by
+//! explicit messages.
+//!
+//! ```text
+//!             gateways (binary protocol, SO_REUSEPORT spreads connections)
+//!                 │                      │
+//!        ┌────────▼────────┐    ┌────────▼────────┐
+//!        │ shard 0 (CPU 0) │◄──►│ shard 1 (CPU 1) │   mesh: 2 bounded SPSC rings per
+//!        │ sessions, conns │    │ sessions, conns │   ordered pair (requests, events)
+//!        │ mmap pool       │    │ mmap pool       │
+//!        │ io_uring sender │    │ io_uring sender │   one submit flushes many sockets
+//!        └────────▲────────┘    └────────▲────────┘
+//!                 └──── flume ───┬───────┘
+//!                       control thread: /healthz /readyz /metrics
+//! ```
+//!
+//! Layout, in the order a message meets it:
+//! - [`runtime`]: start and stop; placement of shards on CPUs; mesh wiring.
+//! - [`connection`]: one client connection: handshake, decode, dispatch.
+//! - [`shard`]: what one shard owns; publish, subscribe, resume, fan-out.
+//! - [`session`]: one session's seq, epoch, history and idempotency window (no I/O).
+//! - [`mesh`]: messages between shards and the ordered links that carry them.
+//! - [`pool`]: the per-shard mmap buffer pool with ref-counted leases.
+//! - [`uring`]: the per-shard io_uring sender (batched, ordered, bounded per connection).
+//! - [`control`] and [`metrics`]: the control thread and its Prometheus rendering.
+//! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type.
+
+pub mod config;
+pub mod connection;
+pub mod control;
+pub mod mesh;
+pub mod metrics;
+pub mod pool;
+pub mod runtime;
+pub mod session;
+pub mod shard;
+pub mod shutdown;
+pub mod uring;
+
+pub use config::Config;
+pub use runtime::{start, EngineHandle, StartError};

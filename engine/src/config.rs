@@ -1,0 +1,284 @@
+//! Engine configuration: one struct, every limit named with its unit last, embedded defaults.
+//!
+//! Read from TOML (`--config FILE`; `ops/switchboard.toml` documents every key with its
+//! default), then overridden by command-line flags. Everything the shards size at start comes
+//! from here; nothing grows past these limits at run time.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Addresses, shards, CPUs, data directory.
+    pub server: ServerConfig,
+    /// Per-connection and per-session limits.
+    pub limits: LimitsConfig,
+    /// The rings between shards.
+    pub mesh: MeshConfig,
+    /// The per-shard buffer pool.
+    pub pool: PoolConfig,
+    /// The per-shard io_uring sender.
+    pub uring: UringConfig,
+}
+
+/// Where the engine listens and how it is laid out on the machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Data port for gateways (the binary protocol).
+    pub listen: SocketAddr,
+    /// Control port (HTTP: /healthz, /readyz, /metrics).
+    pub control: SocketAddr,
+    /// Number of shards; 0 = one per CPU the process may run on.
+    pub shards: usize,
+    /// CPUs to pin shards to, in order; empty = the process's affinity set.
+    pub cpus: Vec<usize>,
+    /// Where durable state lives.
+    pub data_dir: PathBuf,
+    /// How long a graceful shutdown may take to flush queued output, in milliseconds.
+    pub shutdown_drain_ms: u64,
+}
+
+/// Limits on what clients may do and what the engine keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame body accepted, in bytes (at most the protocol's 1 MiB).
+    pub frame_body_bytes_max: u32,
+    /// Largest PUBLISH payload, in bytes.
+    pub payload_bytes_max: u32,
+    /// Most subscriptions one connection may hold.
+    pub subscriptions_per_connection_max: u32,
+    /// Messages kept per session for resume (and the idempotency window).
+    pub history_messages_max: u32,
+    /// Most sessions one shard holds.
+    pub sessions_per_shard_max: usize,
+    /// Most connections one shard serves.
+    pub connections_per_shard_max: usize,
+    /// Outbound bytes buffered per connection before it is a slow consumer.
+    pub outbound_bytes_max: usize,
+    /// Outbound frames buffered per connection before it is a slow consumer.
+    pub outbound_frames_max: usize,
+    /// A client must send something at least this often, in milliseconds.
+    pub keepalive_ms: u32,
+    /// Time allowed between accepting a connection and its HELLO, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// After GOAWAY(slow consumer), how long the engine waits for the peer to read it before
+    /// cutting the connection, in milliseconds.
+    pub slow_consumer_close_ms: u64,
+}
+
+/// The shard mesh: one bounded SPSC ring per ordered pair of shards, for requests and for
+/// events each.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Slots in each ring.
+    pub ring_slots: usize,
+    /// Messages a shard may have waiting for one peer's ring before producers pause.
+    pub backlog_messages_max: usize,
+    /// Messages drained from one ring before yielding to other work.
+    pub drain_batch_max: usize,
+}
+
+/// One size class of the buffer pool.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SizeClassConfig {
+    /// Bytes per buffer.
+    pub slot_bytes: usize,
+    /// Buffers in the class.
+    pub slots: usize,
+}
+
+/// The per-shard buffer pool, allocated (mmap) at start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Size classes, smallest first.
+    pub classes: Vec<SizeClassConfig>,
+    /// Try to mlock the pool (logged once when the memlock limit refuses).
+    pub mlock: bool,
+    /// Touch every page at start so no lease page-faults on first use.
+    pub prefault: bool,
+}
+
+/// The per-shard io_uring used for outbound writes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UringConfig {
+    /// Submission queue entries.
+    pub ring_entries: u32,
+    /// Buffers gathered into one send.
+    pub iov_per_send_max: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
+            control: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            shards: 0,
+            cpus: Vec::new(),
+            data_dir: PathBuf::from("./switchboard-data"),
+            shutdown_drain_ms: 2_000,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            frame_body_bytes_max: 1 << 20,
+            payload_bytes_max: 64 * 1024,
+            subscriptions_per_connection_max: 100_000,
+            history_messages_max: 128,
+            sessions_per_shard_max: 2_000_000,
+            connections_per_shard_max: 65_536,
+            outbound_bytes_max: 8 << 20,
+            outbound_frames_max: 65_536,
+            keepalive_ms: 30_000,
+            handshake_timeout_ms: 5_000,
+            slow_consumer_close_ms: 1_000,
+        }
+    }
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig { ring_slots: 1024, backlog_messages_max: 8192, drain_batch_max: 256 }
+    }
+}
+
+impl Default for PoolConfig {
+    /// The pool's own defaults (see `pool::PoolConfig::default` for how they were chosen).
+    fn default() -> Self {
+        let pool = crate::pool::PoolConfig::default();
+        PoolConfig {
+            classes: pool.classes.iter().map(|class| SizeClassConfig { slot_bytes: class.slot_bytes, slots: class.slots }).collect(),
+            mlock: pool.mlock,
+            prefault: pool.prefault,
+        }
+    }
+}
+
+impl Default for UringConfig {
+    fn default() -> Self {
+        UringConfig { ring_entries: 1024, iov_per_send_max: 64 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            limits: LimitsConfig::default(),
+            mesh: MeshConfig::default(),
+            pool: PoolConfig::default(),
+            uring: UringConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot work, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {key} {problem}")]
+    Invalid {
+        /// The key, as written in TOML.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Checks every value that could make the engine misbehave.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| Err(ConfigError::Invalid { key, problem: problem.to_owned() });
+        let limits = &self.limits;
+        if limits.frame_body_bytes_max == 0 || limits.frame_body_bytes_max > switchboard_protocol::limits::FRAME_BODY_BYTES_MAX {
+            return invalid("limits.frame_body_bytes_max", "must be between 1 and 1048576");
+        }
+        if limits.payload_bytes_max == 0 || limits.payload_bytes_max >= limits.frame_body_bytes_max {
+            return invalid("limits.payload_bytes_max", "must be positive and below limits.frame_body_bytes_max");
+        }
+        if limits.history_messages_max == 0 {
+            return invalid("limits.history_messages_max", "must be at least 1");
+        }
+        if limits.outbound_bytes_max < limits.frame_body_bytes_max as usize + 64 {
+            return invalid("limits.outbound_bytes_max", "must hold at least one largest frame");
+        }
+        if limits.outbound_frames_max == 0 || limits.connections_per_shard_max == 0 || limits.sessions_per_shard_max == 0 {
+            return invalid("limits", "counts must be positive");
+        }
+        if self.mesh.ring_slots < 2 || self.mesh.backlog_messages_max == 0 || self.mesh.drain_batch_max == 0 {
+            return invalid("mesh", "ring_slots must be at least 2, other values positive");
+        }
+        if self.pool.classes.is_empty() || self.pool.classes.windows(2).any(|w| w[0].slot_bytes >= w[1].slot_bytes) {
+            return invalid("pool.classes", "must be non-empty and sorted by slot_bytes, ascending");
+        }
+        if self.pool.classes.iter().any(|c| c.slots == 0 || c.slot_bytes == 0) {
+            return invalid("pool.classes", "slot_bytes and slots must be positive");
+        }
+        if self.uring.ring_entries < 8 || !self.uring.ring_entries.is_power_of_two() {
+            return invalid("uring.ring_entries", "must be a power of two, at least 8");
+        }
+        if self.uring.iov_per_send_max == 0 || self.uring.iov_per_send_max > 1024 {
+            return invalid("uring.iov_per_send_max", "must be between 1 and 1024 (IOV_MAX)");
+        }
+        if self.server.shards > 256 {
+            return invalid("server.shards", "at most 256");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_survive_toml() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[server]\nlisten_typo = 1").is_err());
+        let mut config = Config::default();
+        config.limits.payload_bytes_max = config.limits.frame_body_bytes_max;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("limits.payload_bytes_max"), "{error}");
+    }
+}

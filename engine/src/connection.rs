@@ -1,0 +1,243 @@
+//! One client connection on its shard: handshake, then decode frames and dispatch them.
+//!
+//! Reading uses glommio's socket; writing never happens here: every outbound frame goes through
+//! the shard's io_uring sender (see `uring.rs`), so replies and fan-out share one ordered queue
+//! per connection. Decode errors answer ERROR and close this connection only; nothing a peer
+//! sends can panic the shard.
+
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_lite::AsyncReadExt;
+use glommio::net::TcpStream;
+use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, Welcome, PROTOCOL_VERSION};
+
+use crate::mesh::{ConnId, SessionKey};
+use crate::shard::Shard;
+
+/// Bytes read from the socket per call.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// The tenant every connection belongs to until per-tenant auth lands (issue 5).
+const DEFAULT_TENANT: Text = Text::from_static("default");
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let Some(conn) = shard.add_conn(stream.as_raw_fd()) else {
+        // At the connection limit: say so, then close.
+        refuse_overloaded(&shard, stream);
+        return;
+    };
+    let mut reader = Reader { shard: shard.clone(), conn, stream, buffer: BytesMut::with_capacity(READ_CHUNK_BYTES), scratch: vec![0; READ_CHUNK_BYTES] };
+    reader.run().await;
+    // Remove before the stream drops: a delayed force-close checks the id before using the fd.
+    shard.remove_conn(conn);
+    drop(reader);
+}
+
+fn refuse_overloaded(shard: &Shard, stream: TcpStream) {
+    let frame = Frame::GoAway(GoAway { reason: GoAwayReason::Overloaded, reconnect_after_ms: 1000, message: Text::from_static("connection limit reached") });
+    if let Ok(bytes) = frame.to_bytes(0) {
+        // Best effort on a fresh socket whose buffer is empty: one non-blocking send.
+        // SAFETY: the fd is open (we own the stream) and the buffer outlives the call.
+        unsafe { libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    }
+    let _ = shard;
+}
+
+struct Reader {
+    shard: Rc<Shard>,
+    conn: ConnId,
+    stream: TcpStream,
+    buffer: BytesMut,
+    scratch: Vec<u8>,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Reader {
+    async fn run(&mut self) {
+        let handshake = Duration::from_millis(self.shard.config.limits.handshake_timeout_ms);
+        match glommio::timer::timeout(handshake, async { Ok(self.handshake().await) }).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                self.shard.protocol_error(self.conn, 0, ErrorCode::HandshakeRequired, "no HELLO within the handshake timeout".into());
+                return;
+            }
+        }
+        while self.fill().await {
+            loop {
+                match self.next_frame() {
+                    Ok(Some((correlation, frame))) => {
+                        if let Flow::Close = self.dispatch(correlation, frame).await {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(()) => return,
+                }
+            }
+            if self.shard.is_closing(self.conn) {
+                return;
+            }
+        }
+    }
+
+    /// Reads once into the buffer; false on EOF, error or shutdown of this connection.
+    async fn fill(&mut self) -> bool {
+        match self.stream.read(&mut self.scratch).await {
+            Ok(0) | Err(_) => false,
+            Ok(read) => {
+                self.buffer.extend_from_slice(&self.scratch[..read]);
+                self.shard.count(|c| c.bytes_received_total += read as u64);
+                true
+            }
+        }
+    }
+
+    /// Decodes one frame; a decode error is answered and closes the connection.
+    fn next_frame(&mut self) -> Result<Option<(u32, Frame)>, ()> {
+        match decode(&mut self.buffer, &self.shard.limits) {
+            Ok(Some(envelope)) => Ok(Some((envelope.correlation, envelope.frame))),
+            Ok(None) => Ok(None),
+            Err(error) => {
+                self.shard.protocol_error(self.conn, 0, error.code(), error.to_string());
+                Err(())
+            }
+        }
+    }
+
+    /// Waits for HELLO and answers WELCOME; false when the connection must close.
+    async fn handshake(&mut self) -> bool {
+        loop {
+            match self.next_frame() {
+                Ok(Some((correlation, Frame::Hello(hello)))) => return self.welcome(correlation, &hello),
+                Ok(Some((correlation, _))) => {
+                    self.shard.protocol_error(self.conn, correlation, ErrorCode::HandshakeRequired, "the first frame must be HELLO".into());
+                    return false;
+                }
+                Ok(None) => {
+                    if !self.fill().await {
+                        return false;
+                    }
+                }
+                Err(()) => return false,
+            }
+        }
+    }
+
+    fn welcome(&mut self, correlation: u32, hello: &Hello) -> bool {
+        let ours = u16::from(PROTOCOL_VERSION);
+        if hello.version_min > ours || hello.version_max < ours {
+            let message = format!("server speaks version {ours}, client {}..={}", hello.version_min, hello.version_max);
+            self.shard.protocol_error(self.conn, correlation, ErrorCode::UnsupportedVersion, message);
+            return false;
+        }
+        // Auth (JWT, per-tenant keys) lands with issue 5; until then every connection is the
+        // default tenant and the token is not checked.
+        self.shard.with_conn(self.conn, |entry| entry.tenant = Some(DEFAULT_TENANT));
+        let limits = &self.shard.config.limits;
+        let welcome = Frame::Welcome(Welcome {
+            version: ours,
+            features: 0,
+            server_name: Text::from_static(concat!("switchboard/", env!("CARGO_PKG_VERSION"))),
+            connection_id: self.conn,
+            tenant: DEFAULT_TENANT,
+            limits: ServerLimits {
+                frame_body_bytes_max: limits.frame_body_bytes_max,
+                payload_bytes_max: limits.payload_bytes_max,
+                subscriptions_max: limits.subscriptions_per_connection_max,
+                history_messages_max: limits.history_messages_max,
+                keepalive_ms: limits.keepalive_ms,
+                outbound_bytes_max: u32::try_from(limits.outbound_bytes_max).unwrap_or(u32::MAX),
+            },
+        });
+        tracing::debug!(shard = self.shard.index, conn = self.conn, client = %hello.client_name, "handshake");
+        self.shard.send_frame(self.conn, &welcome, correlation);
+        true
+    }
+
+    fn key(&self, session: &Text) -> SessionKey {
+        SessionKey { tenant: DEFAULT_TENANT, session: session.clone() }
+    }
+
+    async fn dispatch(&mut self, correlation: u32, frame: Frame) -> Flow {
+        let shard = &*self.shard;
+        let conn = self.conn;
+        match frame {
+            Frame::Ping(ping) => shard.send_frame(conn, &Frame::Pong(Pong { nonce: ping.nonce }), correlation),
+            Frame::Pong(_) => {}
+            Frame::Subscribe(subscribe) => {
+                if let Some(flow) = self.refuse_empty(correlation, &subscribe.session) {
+                    return flow;
+                }
+                let key = self.key(&subscribe.session);
+                shard.subscribe(conn, correlation, key, subscribe.from).await;
+            }
+            Frame::Unsubscribe(unsubscribe) => shard.unsubscribe(conn, correlation, &self.key(&unsubscribe.session)),
+            Frame::Publish(publish) => {
+                if let Some(flow) = self.refuse_empty(correlation, &publish.session) {
+                    return flow;
+                }
+                if publish.payload.len() > shard.config.limits.payload_bytes_max as usize {
+                    shard.fail_request(conn, correlation, ErrorCode::LimitExceeded, "payload larger than payload_bytes_max");
+                    return Flow::Continue;
+                }
+                let ingress_raw = shard.clock().raw();
+                let key = self.key(&publish.session);
+                shard.publish(conn, correlation, key, publish.client_msg_id, publish.trace_id, publish.sender, publish.payload, ingress_raw).await;
+            }
+            Frame::ReadCursor(cursor) => {
+                if let Some(flow) = self.refuse_empty(correlation, &cursor.session) {
+                    return flow;
+                }
+                let key = self.key(&cursor.session);
+                shard.read_cursor(conn, correlation, key, cursor.participant, cursor.seq).await;
+            }
+            Frame::Typing(typing) => {
+                let key = self.key(&typing.session);
+                shard.typing(key, typing.participant, typing.active).await;
+            }
+            Frame::OpenConversation(_)
+            | Frame::AgentStatus(_)
+            | Frame::OfferResponse(_)
+            | Frame::Transfer(_)
+            | Frame::CloseConversation(_)
+            | Frame::TicketCommand(_) => {
+                shard.fail_request(conn, correlation, ErrorCode::NotImplemented, "conversation routing and tickets are not implemented yet");
+            }
+            Frame::Hello(_) => {
+                shard.protocol_error(conn, correlation, ErrorCode::HandshakeRequired, "HELLO sent twice".into());
+                return Flow::Close;
+            }
+            other @ (Frame::Welcome(_)
+            | Frame::Error(_)
+            | Frame::GoAway(_)
+            | Frame::Success(_)
+            | Frame::Subscribed(_)
+            | Frame::PubAck(_)
+            | Frame::Deliver(_)
+            | Frame::ConversationEvent(_)
+            | Frame::TicketEvent(_)) => {
+                let message = format!("{:?} frames are sent by servers only", other.frame_type());
+                shard.protocol_error(conn, correlation, ErrorCode::Malformed, message);
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn refuse_empty(&self, correlation: u32, session: &Text) -> Option<Flow> {
+        if session.is_empty() {
+            self.shard.fail_request(self.conn, correlation, ErrorCode::BadRequest, "session id must not be empty");
+            return Some(Flow::Continue);
+        }
+        None
+    }
+}

@@ -1,0 +1,327 @@
+//! The shard mesh: what shards say to each other, and the ordered links that carry it.
+//!
+//! Shards share nothing; all cross-shard work is a message. For every ordered pair of shards
+//! there are two bounded SPSC rings (glommio shared channels, created once at start and
+//! connected on their own cores): one for [`Request`]s (origin → owner of a session) and one
+//! for [`Event`]s (owner → origin). Two kinds, because a shard handling a request may wait for
+//! room to send events, while a shard handling events never waits for anything: with that rule
+//! no cycle of shards can wait on each other.
+//!
+//! Many tasks on a shard produce messages for the same peer (connections, ring consumers), and
+//! the order they produce them in is the order the peer must see (a SUBSCRIBED and the DELIVERs
+//! around it). So producers never touch the ring directly: they append to the peer's
+//! [`PeerLink`] (a local FIFO) and one pump task per link moves messages into the ring in order.
+//! When a link's backlog reaches its limit, producers that can wait do so after appending
+//! ([`LinkState::Backlogged`]); the event is counted.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+use glommio::channels::shared_channel::ConnectedSender;
+use glommio::{GlommioError, ResourceType};
+use switchboard_protocol::{ErrorCode, ResumeFrom, Text};
+
+use crate::session::ResumePlan;
+
+/// A connection, named by the shard that holds it.
+pub type ConnId = u64;
+
+/// A session's identity: tenant and session id. Same scheme as the seed's
+/// `session:{tenant}:{session}` keys.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    /// The tenant.
+    pub tenant: Text,
+    /// The session (conversation) id.
+    pub session: Text,
+}
+
+impl SessionKey {
+    /// A key whose strings own their memory (so it does not pin a read buffer).
+    pub fn owned(tenant: &Text, session: &Text) -> SessionKey {
+        SessionKey { tenant: Text::from(tenant.as_str()), session: Text::from(session.as_str()) }
+    }
+
+    /// The shard that owns this session: `hash(tenant, session) % shards`.
+    ///
+    /// SipHash with fixed keys (std's `DefaultHasher::new()`), so every process, and any client
+    /// that wants to predict placement, computes the same shard.
+    pub fn shard(&self, shards: usize) -> usize {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.tenant.as_str().hash(&mut hasher);
+        self.session.as_str().hash(&mut hasher);
+        (hasher.finish() % shards as u64) as usize
+    }
+}
+
+/// Origin shard → owner shard.
+#[derive(Debug)]
+pub enum Request {
+    /// Append a message.
+    Publish {
+        /// The publishing connection on the origin shard.
+        conn: ConnId,
+        /// Its request's correlation id.
+        correlation: u32,
+        /// The session.
+        key: SessionKey,
+        /// Idempotency id.
+        client_msg_id: u64,
+        /// Trace id.
+        trace_id: u128,
+        /// Sender participant.
+        sender: Text,
+        /// The message (a slice of the origin's read buffer; the owner copies it into history).
+        payload: Bytes,
+        /// When the origin decoded it (`quanta` raw clock), for latency.
+        ingress_raw: u64,
+    },
+    /// Start a subscription; the owner replies with [`Event::Subscribed`].
+    Subscribe {
+        /// The subscribing connection.
+        conn: ConnId,
+        /// Its request's correlation id.
+        correlation: u32,
+        /// The session.
+        key: SessionKey,
+        /// Where to start.
+        from: ResumeFrom,
+    },
+    /// The origin shard has no subscriber of `key` left.
+    Uninterest {
+        /// The session.
+        key: SessionKey,
+    },
+    /// Move a read cursor and push it to the session's subscribers.
+    ReadCursor {
+        /// The connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+        /// The session.
+        key: SessionKey,
+        /// Who read.
+        participant: Text,
+        /// Up to where.
+        seq: u64,
+    },
+    /// Push an ephemeral typing indicator to the session's subscribers.
+    Typing {
+        /// The session.
+        key: SessionKey,
+        /// Who types.
+        participant: Text,
+        /// Started or stopped.
+        active: bool,
+    },
+}
+
+/// Owner shard → origin shard.
+#[derive(Debug)]
+pub enum Event {
+    /// Answer a PUBLISH.
+    PubAck {
+        /// The publishing connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+        /// The session id.
+        session: Text,
+        /// Idempotency id.
+        client_msg_id: u64,
+        /// Epoch.
+        epoch: u64,
+        /// Assigned (or original) seq.
+        seq: u64,
+        /// A repeat.
+        duplicate: bool,
+    },
+    /// Answer a SUBSCRIBE, with the replay (encoded DELIVER frames, oldest first).
+    Subscribed {
+        /// The subscribing connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+        /// The session.
+        key: SessionKey,
+        /// The outcome.
+        plan: ResumePlan,
+        /// Encoded frames to replay.
+        replay: Vec<Bytes>,
+    },
+    /// A frame for every subscriber of `key` on the origin shard (encoded once by the owner).
+    Fanout {
+        /// The session.
+        key: SessionKey,
+        /// The encoded frame.
+        frame: Bytes,
+        /// When the publish was decoded (`quanta` raw clock), 0 when not a publish.
+        ingress_raw: u64,
+    },
+    /// A request failed; answer with ERROR.
+    Failed {
+        /// The connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: &'static str,
+    },
+    /// A request without a specific answer succeeded; answer with OK.
+    Done {
+        /// The connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+    },
+}
+
+/// Whether producers may append to a link without waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Below its backlog limit.
+    Flowing,
+    /// At or above its backlog limit: producers that can wait, wait.
+    Backlogged,
+}
+
+/// Counters of one link, for /metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkStats {
+    /// Messages moved into the ring.
+    pub sent_total: u64,
+    /// Times the ring was full when the pump tried to send.
+    pub ring_full_total: u64,
+    /// Times a producer had to wait for the backlog to shrink.
+    pub backlogged_total: u64,
+    /// Messages waiting now.
+    pub backlog_messages: u64,
+    /// Most messages ever waiting.
+    pub backlog_messages_peak: u64,
+}
+
+/// An ordered outbound link to one peer shard: a local FIFO drained by one pump task.
+pub struct PeerLink<T> {
+    fifo: RefCell<VecDeque<T>>,
+    backlog_messages_max: usize,
+    pump_waker: Cell<Option<Waker>>,
+    space_wakers: RefCell<Vec<Waker>>,
+    stats: Cell<LinkStats>,
+}
+
+impl<T: Send + 'static> PeerLink<T> {
+    /// An empty link.
+    pub fn new(backlog_messages_max: usize) -> Rc<PeerLink<T>> {
+        Rc::new(PeerLink {
+            fifo: RefCell::new(VecDeque::with_capacity(backlog_messages_max)),
+            backlog_messages_max,
+            pump_waker: Cell::new(None),
+            space_wakers: RefCell::new(Vec::new()),
+            stats: Cell::new(LinkStats::default()),
+        })
+    }
+
+    /// Appends a message; never waits. Callers that can wait then call
+    /// [`PeerLink::wait_for_room`].
+    pub fn push(&self, message: T) {
+        let depth = {
+            let mut fifo = self.fifo.borrow_mut();
+            fifo.push_back(message);
+            fifo.len() as u64
+        };
+        self.update_stats(|stats| stats.backlog_messages_peak = stats.backlog_messages_peak.max(depth));
+        if let Some(waker) = self.pump_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Flowing or backlogged.
+    pub fn state(&self) -> LinkState {
+        if self.fifo.borrow().len() >= self.backlog_messages_max {
+            LinkState::Backlogged
+        } else {
+            LinkState::Flowing
+        }
+    }
+
+    /// Resolves once the backlog is below its limit.
+    pub async fn wait_for_room(&self) {
+        if self.state() == LinkState::Flowing {
+            return;
+        }
+        self.update_stats(|stats| stats.backlogged_total += 1);
+        poll_fn(|cx| {
+            if self.state() == LinkState::Flowing {
+                Poll::Ready(())
+            } else {
+                self.space_wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> LinkStats {
+        let mut stats = self.stats.get();
+        stats.backlog_messages = self.fifo.borrow().len() as u64;
+        stats
+    }
+
+    fn update_stats(&self, change: impl FnOnce(&mut LinkStats)) {
+        let mut stats = self.stats.get();
+        change(&mut stats);
+        self.stats.set(stats);
+    }
+
+    /// Moves messages into the ring, in order, for as long as the ring is open.
+    pub async fn pump(self: Rc<Self>, ring: ConnectedSender<T>) {
+        loop {
+            let next = self.fifo.borrow_mut().pop_front();
+            let Some(message) = next else {
+                poll_fn(|cx| {
+                    if self.fifo.borrow().is_empty() {
+                        self.pump_waker.set(Some(cx.waker().clone()));
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(())
+                    }
+                })
+                .await;
+                continue;
+            };
+            match ring.try_send(message) {
+                Ok(()) => {}
+                Err(GlommioError::WouldBlock(ResourceType::Channel(message))) => {
+                    self.update_stats(|stats| stats.ring_full_total += 1);
+                    if ring.send(message).await.is_err() {
+                        return;
+                    }
+                }
+                // The peer shard is gone (shutdown); nothing more can be delivered there.
+                Err(_) => return,
+            }
+            self.update_stats(|stats| stats.sent_total += 1);
+            if self.state() == LinkState::Flowing {
+                for waker in self.space_wakers.borrow_mut().drain(..) {
+                    waker.wake();
+                }
+            }
+        }
+    }
+}
+
+/// Hands out this process's session epoch: changes on every start, because (until the journal
+/// lands) history does not survive a restart.
+pub fn new_epoch() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    // Keep it positive and distinct from 0 (0 means "no epoch" to clients).
+    (nanos ^ u64::from(std::process::id()).rotate_left(48)) | 1
+}

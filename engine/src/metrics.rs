@@ -1,0 +1,146 @@
+//! Renders shard snapshots as Prometheus (OpenMetrics) text with prometheus-client.
+//!
+//! Shards keep plain single-threaded counters; the control thread asks each for a snapshot
+//! per scrape and builds a fresh registry from them, so the hot path never touches an atomic
+//! shared with another core.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::shard::ShardSnapshot;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabels {
+    shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    shard: String,
+    peer: String,
+    ring: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    shard: String,
+    slot_bytes: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QuantileLabels {
+    shard: String,
+    quantile: String,
+}
+
+struct Builder {
+    registry: Registry,
+}
+
+impl Builder {
+    fn counter<L>(&mut self, name: &str, help: &str, values: impl IntoIterator<Item = (L, u64)>)
+    where
+        L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let family = Family::<L, Counter>::default();
+        for (labels, value) in values {
+            family.get_or_create(&labels).inc_by(value);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    fn gauge<L>(&mut self, name: &str, help: &str, values: impl IntoIterator<Item = (L, i64)>)
+    where
+        L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    {
+        let family = Family::<L, Gauge>::default();
+        for (labels, value) in values {
+            family.get_or_create(&labels).set(value);
+        }
+        self.registry.register(name, help, family);
+    }
+}
+
+fn shard(s: &ShardSnapshot) -> ShardLabels {
+    ShardLabels { shard: s.shard.to_string() }
+}
+
+fn gauge_i64(value: impl TryInto<i64>) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
+}
+
+/// The /metrics body.
+pub fn render(snapshots: &[ShardSnapshot]) -> String {
+    let mut b = Builder { registry: Registry::with_prefix("switchboard") };
+    b.gauge("connections", "Open connections", snapshots.iter().map(|s| (shard(s), gauge_i64(s.connections))));
+    b.gauge("sessions", "Sessions owned by the shard", snapshots.iter().map(|s| (shard(s), gauge_i64(s.sessions))));
+    b.gauge("subscribed_sessions", "Sessions with subscribers on the shard", snapshots.iter().map(|s| (shard(s), gauge_i64(s.subscribed_sessions))));
+    let c = |f: fn(&ShardSnapshot) -> u64| snapshots.iter().map(move |s| (shard(s), f(s))).collect::<Vec<_>>();
+    b.counter("connections_accepted", "Connections accepted", c(|s| s.counters.connections_accepted_total));
+    b.counter("connections_refused", "Connections refused at the limit", c(|s| s.counters.connections_refused_total));
+    b.counter("publishes", "Messages appended", c(|s| s.counters.publishes_total));
+    b.counter("publishes_duplicate", "Publishes answered as duplicates", c(|s| s.counters.publishes_duplicate_total));
+    b.counter("deliveries", "Frames queued to subscribers by fan-out", c(|s| s.counters.deliveries_total));
+    b.counter("delivery_bytes", "Bytes queued to subscribers by fan-out", c(|s| s.counters.delivery_bytes_total));
+    b.counter("received_bytes", "Bytes read from connections", c(|s| s.counters.bytes_received_total));
+    b.counter("slow_consumer_disconnects", "Connections closed as slow consumers", c(|s| s.counters.slow_consumer_disconnects_total));
+    b.counter("protocol_errors", "Connections closed for protocol errors", c(|s| s.counters.protocol_errors_total));
+    b.counter("request_errors", "Requests answered with ERROR", c(|s| s.counters.request_errors_total));
+    b.counter("pool_fallbacks", "Frames encoded into heap buffers because the pool was exhausted", c(|s| s.counters.pool_fallbacks_total));
+    b.counter("session_limit_refusals", "Sessions refused at sessions_per_shard_max", c(|s| s.counters.session_limit_refusals_total));
+
+    let links = |pick: fn(&crate::mesh::LinkStats) -> u64| {
+        snapshots
+            .iter()
+            .flat_map(move |s| {
+                let requests = s.request_links.iter().map(move |(peer, stats)| (PeerLabels { shard: s.shard.to_string(), peer: peer.to_string(), ring: "requests".into() }, pick(stats)));
+                let events = s.event_links.iter().map(move |(peer, stats)| (PeerLabels { shard: s.shard.to_string(), peer: peer.to_string(), ring: "events".into() }, pick(stats)));
+                requests.chain(events)
+            })
+            .collect::<Vec<_>>()
+    };
+    b.counter("mesh_sent", "Messages moved into a mesh ring", links(|l| l.sent_total));
+    b.counter("mesh_ring_full", "Times a mesh ring was full", links(|l| l.ring_full_total));
+    b.counter("mesh_backlogged", "Times a producer waited for a mesh link's backlog", links(|l| l.backlogged_total));
+    b.gauge("mesh_backlog_messages", "Messages waiting for a mesh ring", links(|l| l.backlog_messages).into_iter().map(|(l, v)| (l, gauge_i64(v))));
+    b.gauge("mesh_backlog_messages_peak", "Most messages ever waiting for a mesh ring", links(|l| l.backlog_messages_peak).into_iter().map(|(l, v)| (l, gauge_i64(v))));
+
+    let classes = |pick: fn(&crate::pool::ClassStats) -> u64| {
+        snapshots
+            .iter()
+            .flat_map(move |s| s.pool.classes.iter().map(move |class| (ClassLabels { shard: s.shard.to_string(), slot_bytes: class.slot_bytes.to_string() }, pick(class))))
+            .collect::<Vec<_>>()
+    };
+    b.gauge("pool_slots", "Slots in a pool class", classes(|c| c.slots as u64).into_iter().map(|(l, v)| (l, gauge_i64(v))));
+    b.gauge("pool_in_use", "Slots leased now", classes(|c| c.in_use as u64).into_iter().map(|(l, v)| (l, gauge_i64(v))));
+    b.counter("pool_leases", "Leases handed out", classes(|c| c.leases_total));
+    b.counter("pool_exhausted", "Leases refused: class and all bigger ones empty", classes(|c| c.exhausted_total));
+
+    b.counter("uring_submits", "io_uring_enter calls that submitted sends", c(|s| s.sender.submits_total));
+    b.counter("uring_sqes", "Send operations submitted", c(|s| s.sender.sqes_total));
+    b.counter("uring_completions", "Completions reaped", c(|s| s.sender.completions_total));
+    b.counter("uring_short_writes", "Sends that wrote part of their buffers", c(|s| s.sender.short_writes_total));
+    b.counter("uring_eagain", "Sends that found the socket full", c(|s| s.sender.eagain_total));
+    b.counter("uring_errors", "Sends that failed and closed their connection", c(|s| s.sender.errors_total));
+    b.counter("uring_sent_bytes", "Bytes written to sockets", c(|s| s.sender.bytes_sent_total));
+    b.gauge("uring_sqes_per_submit_max", "Most sends in one submission", c(|s| s.sender.max_sqes_per_submit).into_iter().map(|(l, v)| (l, gauge_i64(v))));
+
+    let quantiles = [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)];
+    let latency = snapshots
+        .iter()
+        .flat_map(|s| {
+            quantiles.iter().map(move |(name, q)| {
+                (QuantileLabels { shard: s.shard.to_string(), quantile: (*name).to_string() }, gauge_i64(s.latency_ns.value_at_quantile(*q)))
+            })
+        })
+        .collect::<Vec<_>>();
+    b.gauge("publish_to_enqueue_latency_ns", "Publish decoded to frame queued on each subscriber's socket, by quantile", latency);
+    b.counter("publish_to_enqueue_latency_samples", "Samples in the latency histogram", c(|s| s.latency_ns.len()));
+
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &b.registry).expect("writing to a String cannot fail");
+    out
+}

@@ -1,0 +1,224 @@
+//! One session's state on its owning shard: seq, epoch, history and the idempotency window.
+//!
+//! Plain Rust, no I/O and no clock (`now_us` is an argument), so the ordering and resume rules
+//! are unit-tested here, away from sockets. Only the owning shard ever holds a [`Session`];
+//! other shards learn about it through the mesh.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use switchboard_protocol::{ResumeFrom, Text};
+
+/// A message as kept in history: enough to re-encode its DELIVER frame on a resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Position in the session.
+    pub seq: u64,
+    /// When the shard accepted it, microseconds since the Unix epoch.
+    pub timestamp_us: u64,
+    /// The publisher's trace id.
+    pub trace_id: u128,
+    /// The participant who sent it (owned copy: history must not pin read buffers).
+    pub sender: Text,
+    /// The publisher's idempotency id (0 = none).
+    pub client_msg_id: u64,
+    /// The message (owned copy).
+    pub payload: Bytes,
+}
+
+/// What a PUBLISH did to the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// A new message with this seq; deliver it.
+    Appended(u64),
+    /// A repeat of an earlier message (same sender and client_msg_id): acknowledge with the
+    /// original seq and deliver nothing.
+    Duplicate(u64),
+}
+
+/// What a SUBSCRIBE gets: the SUBSCRIBED fields and the messages to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePlan {
+    /// The session's epoch.
+    pub epoch: u64,
+    /// Last seq assigned.
+    pub head_seq: u64,
+    /// First seq replayed (head_seq + 1 when nothing is).
+    pub replay_from_seq: u64,
+    /// True when nothing between the requested position and the head is missing.
+    pub recovered: bool,
+}
+
+/// A session's ordering state and history.
+#[derive(Debug)]
+pub struct Session {
+    epoch: u64,
+    head_seq: u64,
+    history: VecDeque<StoredMessage>,
+    history_messages_max: usize,
+    /// Read cursors: (participant, last seen seq). Few participants per conversation, so a
+    /// vector beats a map.
+    read_cursors: Vec<(Text, u64)>,
+}
+
+impl Session {
+    /// A new, empty session in `epoch`.
+    pub fn new(epoch: u64, history_messages_max: usize) -> Session {
+        Session { epoch, head_seq: 0, history: VecDeque::new(), history_messages_max, read_cursors: Vec::new() }
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The last seq assigned (0 = none).
+    pub fn head_seq(&self) -> u64 {
+        self.head_seq
+    }
+
+    /// The oldest seq still in history, if any.
+    pub fn oldest_seq(&self) -> Option<u64> {
+        self.history.front().map(|message| message.seq)
+    }
+
+    /// Appends a message unless (sender, client_msg_id) is already in the window.
+    ///
+    /// The idempotency window is the history: a repeat older than that is appended again, as
+    /// documented in PROTOCOL.md.
+    pub fn publish(&mut self, now_us: u64, trace_id: u128, sender: &Text, client_msg_id: u64, payload: &[u8]) -> PublishOutcome {
+        if client_msg_id != 0 {
+            if let Some(original) = self
+                .history
+                .iter()
+                .rev()
+                .find(|message| message.client_msg_id == client_msg_id && message.sender == *sender)
+            {
+                return PublishOutcome::Duplicate(original.seq);
+            }
+        }
+        self.head_seq += 1;
+        if self.history.len() == self.history_messages_max {
+            self.history.pop_front();
+        }
+        self.history.push_back(StoredMessage {
+            seq: self.head_seq,
+            timestamp_us: now_us,
+            trace_id,
+            sender: Text::from(sender.as_str()),
+            client_msg_id,
+            payload: Bytes::copy_from_slice(payload),
+        });
+        PublishOutcome::Appended(self.head_seq)
+    }
+
+    /// The message just appended (after [`Session::publish`] returned `Appended`).
+    pub fn last(&self) -> Option<&StoredMessage> {
+        self.history.back()
+    }
+
+    /// Decides what a subscription starting at `from` replays and whether that is complete.
+    pub fn plan_resume(&self, from: ResumeFrom) -> ResumePlan {
+        let oldest = self.oldest_seq().unwrap_or(self.head_seq + 1);
+        let (replay_from_seq, recovered) = match from {
+            ResumeFrom::Live => (self.head_seq + 1, true),
+            ResumeFrom::Earliest => (oldest, oldest <= 1),
+            ResumeFrom::After { epoch, seq } if epoch == self.epoch && seq <= self.head_seq => {
+                if seq + 1 >= oldest {
+                    (seq + 1, true)
+                } else {
+                    (oldest, false)
+                }
+            }
+            // Another epoch (history lost, e.g. a restart without journal) or a position this
+            // session never reached: replay what there is and say it is not a full recovery.
+            ResumeFrom::After { .. } => (oldest, false),
+        };
+        ResumePlan { epoch: self.epoch, head_seq: self.head_seq, replay_from_seq, recovered }
+    }
+
+    /// Messages with seq >= `from_seq`, oldest first.
+    pub fn replay(&self, from_seq: u64) -> impl Iterator<Item = &StoredMessage> {
+        let skip = match self.oldest_seq() {
+            Some(oldest) if from_seq > oldest => (from_seq - oldest) as usize,
+            _ => 0,
+        };
+        self.history.iter().skip(skip)
+    }
+
+    /// Moves a participant's read cursor forward (never back); returns the cursor now.
+    pub fn set_read_cursor(&mut self, participant: &Text, seq: u64) -> u64 {
+        let seq = seq.min(self.head_seq);
+        if let Some((_, cursor)) = self.read_cursors.iter_mut().find(|(who, _)| who == participant) {
+            *cursor = (*cursor).max(seq);
+            return *cursor;
+        }
+        self.read_cursors.push((Text::from(participant.as_str()), seq));
+        seq
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session_with(count: u64, history: usize) -> Session {
+        let mut session = Session::new(7, history);
+        for index in 0..count {
+            session.publish(index, 0, &Text::from("alice"), 0, b"m");
+        }
+        session
+    }
+
+    #[test]
+    fn seqs_are_consecutive_and_history_is_bounded() {
+        let session = session_with(10, 4);
+        assert_eq!(session.head_seq(), 10);
+        assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
+    }
+
+    #[test]
+    fn duplicate_client_msg_id_returns_the_original_seq() {
+        let mut session = Session::new(1, 8);
+        let alice = Text::from("alice");
+        assert_eq!(session.publish(0, 0, &alice, 42, b"a"), PublishOutcome::Appended(1));
+        assert_eq!(session.publish(0, 0, &alice, 43, b"b"), PublishOutcome::Appended(2));
+        assert_eq!(session.publish(0, 0, &alice, 42, b"a"), PublishOutcome::Duplicate(1));
+        // The same id from another sender is another message.
+        assert_eq!(session.publish(0, 0, &Text::from("bob"), 42, b"c"), PublishOutcome::Appended(3));
+        assert_eq!(session.head_seq(), 3);
+    }
+
+    #[test]
+    fn resume_inside_history_is_recovered_without_gap() {
+        let session = session_with(10, 4);
+        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 8 });
+        assert_eq!((plan.replay_from_seq, plan.recovered), (9, true));
+        assert_eq!(session.replay(plan.replay_from_seq).map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
+        let caught_up = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 10 });
+        assert_eq!((caught_up.replay_from_seq, caught_up.recovered), (11, true));
+        assert_eq!(session.replay(11).count(), 0);
+    }
+
+    #[test]
+    fn resume_older_than_history_or_other_epoch_is_not_recovered() {
+        let session = session_with(10, 4);
+        let too_old = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 2 });
+        assert_eq!((too_old.replay_from_seq, too_old.recovered), (7, false));
+        let other_epoch = session.plan_resume(ResumeFrom::After { epoch: 6, seq: 9 });
+        assert!(!other_epoch.recovered);
+        let from_future = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 11 });
+        assert!(!from_future.recovered);
+        assert!(!session.plan_resume(ResumeFrom::Earliest).recovered);
+        assert!(session_with(3, 4).plan_resume(ResumeFrom::Earliest).recovered);
+    }
+
+    #[test]
+    fn read_cursors_only_move_forward_and_stay_within_head() {
+        let mut session = session_with(5, 8);
+        let bob = Text::from("bob");
+        assert_eq!(session.set_read_cursor(&bob, 3), 3);
+        assert_eq!(session.set_read_cursor(&bob, 2), 3);
+        assert_eq!(session.set_read_cursor(&bob, 99), 5);
+    }
+}

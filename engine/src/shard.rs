@@ -1,0 +1,764 @@
+//! One shard: the sessions it owns, the connections it serves, and the fan-out between them.
+//!
+//! A shard runs on one glommio executor pinned to one CPU and shares nothing with other shards
+//! (Seastar's picture). It owns:
+//! - the sessions whose `hash(tenant, session) % shards` is this shard ([`Session`]: seq, epoch,
+//!   history), with the set of shards that have subscribers for each;
+//! - its connections and, per session, which of its connections subscribe to it;
+//! - its buffer pool and its io_uring sender.
+//!
+//! Work for a session owned elsewhere goes out as a [`Request`] on the mesh; the owner answers
+//! with [`Event`]s. The owner encodes each message once: into one pool buffer queued on every
+//! local subscriber, and into one shared `Bytes` sent to every other shard with subscribers,
+//! which queues that same buffer on each of its own subscribers.
+//!
+//! Borrow rule: `state` is borrowed only between awaits, never across one.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::os::fd::RawFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use switchboard_protocol::{
+    Deliver, Durability, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
+    Typing,
+};
+
+use crate::config::Config;
+use crate::mesh::{ConnId, Event, LinkStats, PeerLink, Request, SessionKey};
+use crate::pool::BufferPool;
+use crate::session::{PublishOutcome, ResumePlan, Session};
+use crate::shutdown::Latch;
+use crate::uring::{ConnSlot, EnqueueError, OutBuf, UringSender};
+
+/// A set of shard indexes (at most 256 shards).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ShardSet([u64; 4]);
+
+impl ShardSet {
+    fn insert(&mut self, shard: usize) {
+        self.0[shard / 64] |= 1 << (shard % 64);
+    }
+    fn remove(&mut self, shard: usize) {
+        self.0[shard / 64] &= !(1 << (shard % 64));
+    }
+    fn contains(&self, shard: usize) -> bool {
+        self.0[shard / 64] & (1 << (shard % 64)) != 0
+    }
+    fn iter(self) -> impl Iterator<Item = usize> {
+        (0..256).filter(move |&shard| self.contains(shard))
+    }
+}
+
+struct OwnedSession {
+    session: Session,
+    /// Shards with at least one subscriber (this one included).
+    interest: ShardSet,
+}
+
+#[derive(Default)]
+struct LocalSubscribers {
+    conns: Vec<ConnId>,
+    /// Subscriptions sent to the owner and not answered yet: while any is pending, the owner
+    /// must keep sending this shard the session's messages.
+    pending: u32,
+}
+
+/// A connection as the shard sees it.
+pub(crate) struct ConnEntry {
+    slot: ConnSlot,
+    raw_fd: RawFd,
+    pub(crate) tenant: Option<Text>,
+    pub(crate) subscriptions: HashSet<SessionKey>,
+    closing: bool,
+}
+
+#[derive(Default)]
+struct ShardState {
+    sessions: HashMap<SessionKey, OwnedSession>,
+    local: HashMap<SessionKey, LocalSubscribers>,
+    conns: HashMap<ConnId, ConnEntry>,
+}
+
+/// Counters of one shard (single-threaded; read by the control thread through a snapshot).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ShardCounters {
+    /// Connections accepted.
+    pub connections_accepted_total: u64,
+    /// Connections refused at the limit.
+    pub connections_refused_total: u64,
+    /// PUBLISH frames that appended a message (on the owner).
+    pub publishes_total: u64,
+    /// PUBLISH frames answered as duplicates.
+    pub publishes_duplicate_total: u64,
+    /// Frames queued to subscribers by fan-out.
+    pub deliveries_total: u64,
+    /// Bytes queued to subscribers by fan-out.
+    pub delivery_bytes_total: u64,
+    /// Bytes read from connections.
+    pub bytes_received_total: u64,
+    /// Connections closed as slow consumers.
+    pub slow_consumer_disconnects_total: u64,
+    /// Connections closed for protocol errors.
+    pub protocol_errors_total: u64,
+    /// Requests refused with an ERROR (connection kept).
+    pub request_errors_total: u64,
+    /// Frames that went to a heap buffer because the pool was exhausted.
+    pub pool_fallbacks_total: u64,
+    /// Sessions refused at `sessions_per_shard_max`.
+    pub session_limit_refusals_total: u64,
+}
+
+/// Everything one shard owns. Lives in an `Rc` on its executor.
+pub struct Shard {
+    /// This shard's index.
+    pub index: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Decoder limits derived from the configuration.
+    pub limits: switchboard_protocol::Limits,
+    epoch: u64,
+    pool: BufferPool,
+    /// The io_uring sender all outbound bytes go through.
+    pub sender: UringSender,
+    state: RefCell<ShardState>,
+    requests_out: Vec<Option<Rc<PeerLink<Request>>>>,
+    events_out: Vec<Option<Rc<PeerLink<Event>>>>,
+    counters: Cell<ShardCounters>,
+    latency_ns: RefCell<Histogram<u64>>,
+    clock: quanta::Clock,
+    next_conn: Cell<u64>,
+    /// This shard, for tasks it spawns (they must not outlive it).
+    me: Weak<Shard>,
+    /// Fires when the shard must stop.
+    pub shutdown: Rc<Latch>,
+}
+
+/// What the control thread reads of a shard.
+#[derive(Debug, Clone)]
+pub struct ShardSnapshot {
+    /// Shard index.
+    pub shard: usize,
+    /// Open connections.
+    pub connections: usize,
+    /// Sessions owned.
+    pub sessions: usize,
+    /// Sessions with local subscribers.
+    pub subscribed_sessions: usize,
+    /// Counters.
+    pub counters: ShardCounters,
+    /// Request links per peer (peer, stats).
+    pub request_links: Vec<(usize, LinkStats)>,
+    /// Event links per peer.
+    pub event_links: Vec<(usize, LinkStats)>,
+    /// Pool counters.
+    pub pool: crate::pool::PoolStats,
+    /// io_uring sender counters.
+    pub sender: crate::uring::SenderStats,
+    /// Publish decoded → frame queued on the subscriber's socket, in nanoseconds.
+    pub latency_ns: Histogram<u64>,
+}
+
+impl Shard {
+    /// Builds a shard's state. Called on its own executor.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: usize,
+        shards: usize,
+        config: Arc<Config>,
+        epoch: u64,
+        pool: BufferPool,
+        sender: UringSender,
+        requests_out: Vec<Option<Rc<PeerLink<Request>>>>,
+        events_out: Vec<Option<Rc<PeerLink<Event>>>>,
+        clock: quanta::Clock,
+    ) -> Rc<Shard> {
+        let limits = switchboard_protocol::Limits { frame_body_bytes_max: config.limits.frame_body_bytes_max };
+        Rc::new_cyclic(|me| Shard {
+            me: me.clone(),
+            index,
+            shards,
+            limits,
+            config,
+            epoch,
+            pool,
+            sender,
+            state: RefCell::new(ShardState::default()),
+            requests_out,
+            events_out,
+            counters: Cell::new(ShardCounters::default()),
+            latency_ns: RefCell::new(Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static histogram bounds are valid")),
+            clock,
+            next_conn: Cell::new(1),
+            shutdown: Rc::new(Latch::default()),
+        })
+    }
+
+    /// The raw clock, for ingress timestamps.
+    pub fn clock(&self) -> &quanta::Clock {
+        &self.clock
+    }
+
+    pub(crate) fn count(&self, change: impl FnOnce(&mut ShardCounters)) {
+        let mut counters = self.counters.get();
+        change(&mut counters);
+        self.counters.set(counters);
+    }
+
+    /// A snapshot for /metrics.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let state = self.state.borrow();
+        fn links<T: Send + 'static>(links: &[Option<Rc<PeerLink<T>>>]) -> Vec<(usize, LinkStats)> {
+            links.iter().enumerate().filter_map(|(peer, link)| link.as_ref().map(|link| (peer, link.stats()))).collect()
+        }
+        ShardSnapshot {
+            shard: self.index,
+            connections: state.conns.len(),
+            sessions: state.sessions.len(),
+            subscribed_sessions: state.local.len(),
+            counters: self.counters.get(),
+            request_links: links(&self.requests_out),
+            event_links: links(&self.events_out),
+            pool: self.pool.stats(),
+            sender: self.sender.stats(),
+            latency_ns: self.latency_ns.borrow().clone(),
+        }
+    }
+
+    fn now_us() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+    }
+
+    fn record_latency(&self, ingress_raw: u64) {
+        if ingress_raw == 0 {
+            return;
+        }
+        let elapsed = self.clock.delta(ingress_raw, self.clock.raw());
+        let _ = self.latency_ns.borrow_mut().record((elapsed.as_nanos() as u64).max(1));
+    }
+
+    // ---- connections ----
+
+    /// Registers an accepted connection; `None` when the shard is at its connection limit.
+    pub(crate) fn add_conn(&self, raw_fd: RawFd) -> Option<ConnId> {
+        if self.state.borrow().conns.len() >= self.config.limits.connections_per_shard_max {
+            self.count(|c| c.connections_refused_total += 1);
+            return None;
+        }
+        let slot = match self.sender.register(raw_fd) {
+            Ok(slot) => slot,
+            Err(error) => {
+                tracing::warn!(shard = self.index, %error, "cannot register connection with the sender");
+                self.count(|c| c.connections_refused_total += 1);
+                return None;
+            }
+        };
+        let conn = (self.index as u64) << 48 | self.next_conn.get();
+        self.next_conn.set(self.next_conn.get() + 1);
+        let entry = ConnEntry { slot, raw_fd, tenant: None, subscriptions: HashSet::new(), closing: false };
+        self.state.borrow_mut().conns.insert(conn, entry);
+        self.count(|c| c.connections_accepted_total += 1);
+        Some(conn)
+    }
+
+    /// Runs `f` on a connection's entry, if it is still open.
+    pub(crate) fn with_conn<R>(&self, conn: ConnId, f: impl FnOnce(&mut ConnEntry) -> R) -> Option<R> {
+        self.state.borrow_mut().conns.get_mut(&conn).map(f)
+    }
+
+    /// True once the connection is closing (GOAWAY or ERROR sent) or gone.
+    pub(crate) fn is_closing(&self, conn: ConnId) -> bool {
+        self.state.borrow().conns.get(&conn).is_none_or(|entry| entry.closing || self.sender.is_closed(entry.slot))
+    }
+
+    /// Forgets a connection whose reader has stopped: its subscriptions end, its sender slot
+    /// is released once in-flight sends complete.
+    pub(crate) fn remove_conn(&self, conn: ConnId) {
+        let Some(entry) = self.state.borrow_mut().conns.remove(&conn) else { return };
+        for key in &entry.subscriptions {
+            self.drop_local_subscriber(conn, key);
+        }
+        self.sender.close(entry.slot);
+    }
+
+    /// Encodes a frame into a pool buffer; when the pool is exhausted, into a heap buffer
+    /// (counted): nothing is dropped for lack of pool space.
+    pub(crate) fn encode(&self, frame: &Frame, correlation: u32) -> OutBuf {
+        let len = frame.encoded_len();
+        if let Ok(mut lease) = self.pool.lease(len) {
+            let mut dst = &mut lease.as_mut_slice()[..len];
+            if frame.encode(correlation, &mut dst).is_ok() {
+                return OutBuf::Pooled(lease.freeze(len));
+            }
+        } else {
+            self.count(|c| c.pool_fallbacks_total += 1);
+        }
+        OutBuf::Heap(self.encode_heap(frame, correlation))
+    }
+
+    fn encode_heap(&self, frame: &Frame, correlation: u32) -> Bytes {
+        // Every frame the engine builds comes from validated input or bounded server data, so
+        // an encode error is a bug; answer with an internal error frame rather than panic.
+        frame.to_bytes(correlation).unwrap_or_else(|error| {
+            tracing::error!(shard = self.index, %error, "engine built an unencodable frame");
+            Frame::Error(ErrorFrame { code: ErrorCode::Internal.as_u16(), message: Text::from_static("internal error") })
+                .to_bytes(correlation)
+                .unwrap_or_default()
+        })
+    }
+
+    /// Queues a frame on a connection.
+    pub(crate) fn send_frame(&self, conn: ConnId, frame: &Frame, correlation: u32) {
+        let out = self.encode(frame, correlation);
+        self.send_buf(conn, out);
+    }
+
+    /// Queues an encoded buffer on a connection; a connection over its outbound limit is
+    /// closed as a slow consumer.
+    fn send_buf(&self, conn: ConnId, out: OutBuf) -> bool {
+        let slot = match self.state.borrow().conns.get(&conn) {
+            Some(entry) if !entry.closing => entry.slot,
+            _ => return false,
+        };
+        match self.sender.enqueue(slot, out) {
+            Ok(()) => true,
+            Err(EnqueueError::SlowConsumer) => {
+                self.evict_slow_consumer(conn);
+                false
+            }
+            Err(EnqueueError::Closed) => false,
+        }
+    }
+
+    /// Replies to a request with ERROR; the connection stays open.
+    pub(crate) fn fail_request(&self, conn: ConnId, correlation: u32, code: ErrorCode, message: &'static str) {
+        self.count(|c| c.request_errors_total += 1);
+        let frame = Frame::Error(ErrorFrame { code: code.as_u16(), message: Text::from_static(message) });
+        self.send_frame(conn, &frame, correlation);
+    }
+
+    /// Sends a last frame (ERROR or GOAWAY) past the outbound limit and closes the connection
+    /// once it is written — or after `grace` if the peer does not read it.
+    pub(crate) fn close_conn(&self, conn: ConnId, last: &Frame, correlation: u32, grace: Duration) {
+        let (slot, raw_fd) = {
+            let mut state = self.state.borrow_mut();
+            let Some(entry) = state.conns.get_mut(&conn) else { return };
+            if entry.closing {
+                return;
+            }
+            entry.closing = true;
+            (entry.slot, entry.raw_fd)
+        };
+        let out = self.encode(last, correlation);
+        // Closed already: nothing left to say on this connection.
+        let _ = self.sender.enqueue_final(slot, out);
+        glommio::spawn_local(force_close_after(conn, raw_fd, grace, self.me.clone())).detach();
+    }
+
+    /// Closes a connection for breaking the protocol: ERROR with the code, then close.
+    pub(crate) fn protocol_error(&self, conn: ConnId, correlation: u32, code: ErrorCode, message: String) {
+        self.count(|c| c.protocol_errors_total += 1);
+        let frame = Frame::Error(ErrorFrame { code: code.as_u16(), message: Text::from(message) });
+        self.close_conn(conn, &frame, correlation, Duration::from_millis(self.config.limits.slow_consumer_close_ms));
+    }
+
+    fn evict_slow_consumer(&self, conn: ConnId) {
+        self.count(|c| c.slow_consumer_disconnects_total += 1);
+        tracing::info!(shard = self.index, conn, "slow consumer: outbound limit exceeded, closing");
+        let frame = Frame::GoAway(GoAway {
+            reason: GoAwayReason::SlowConsumer,
+            reconnect_after_ms: 0,
+            message: Text::from_static("outbound buffer limit exceeded; resume from your last seq"),
+        });
+        self.close_conn(conn, &frame, 0, Duration::from_millis(self.config.limits.slow_consumer_close_ms));
+    }
+
+    /// GOAWAY(shutdown) to every connection.
+    pub(crate) fn goaway_all(&self, grace: Duration) {
+        let conns: Vec<ConnId> = self.state.borrow().conns.keys().copied().collect();
+        let frame = Frame::GoAway(GoAway {
+            reason: GoAwayReason::Shutdown,
+            reconnect_after_ms: 0,
+            message: Text::from_static("server shutting down"),
+        });
+        for conn in conns {
+            self.close_conn(conn, &frame, 0, grace);
+        }
+    }
+
+    /// Open connections.
+    pub(crate) fn connection_count(&self) -> usize {
+        self.state.borrow().conns.len()
+    }
+
+    // ---- requests from this shard's connections ----
+
+    /// SUBSCRIBE from a local connection.
+    pub(crate) async fn subscribe(&self, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
+        // Kept for the subscription's lifetime: own the strings rather than pin a read buffer.
+        let key = SessionKey::owned(&key.tenant, &key.session);
+        let owner = key.shard(self.shards);
+        {
+            let mut state = self.state.borrow_mut();
+            let Some(entry) = state.conns.get_mut(&conn) else { return };
+            if entry.subscriptions.contains(&key) {
+                drop(state);
+                return self.fail_request(conn, correlation, ErrorCode::InvalidState, "already subscribed to this session");
+            }
+            if entry.subscriptions.len() >= self.config.limits.subscriptions_per_connection_max as usize {
+                drop(state);
+                return self.fail_request(conn, correlation, ErrorCode::LimitExceeded, "subscriptions per connection limit reached");
+            }
+            entry.subscriptions.insert(key.clone());
+            state.local.entry(key.clone()).or_default().pending += 1;
+        }
+        if owner == self.index {
+            self.owner_subscribe(self.index, conn, correlation, key, from);
+        } else {
+            self.request(owner, Request::Subscribe { conn, correlation, key, from }).await;
+        }
+    }
+
+    /// UNSUBSCRIBE from a local connection.
+    pub(crate) fn unsubscribe(&self, conn: ConnId, correlation: u32, key: &SessionKey) {
+        let removed = self.with_conn(conn, |entry| entry.subscriptions.remove(key)).unwrap_or(false);
+        if !removed {
+            return self.fail_request(conn, correlation, ErrorCode::NotFound, "not subscribed to this session");
+        }
+        self.drop_local_subscriber(conn, key);
+        self.send_frame(conn, &Frame::Success(Success {}), correlation);
+    }
+
+    fn drop_local_subscriber(&self, conn: ConnId, key: &SessionKey) {
+        let now_unused = {
+            let mut state = self.state.borrow_mut();
+            let Some(local) = state.local.get_mut(key) else { return };
+            local.conns.retain(|&c| c != conn);
+            let unused = local.conns.is_empty() && local.pending == 0;
+            if unused {
+                state.local.remove(key);
+            }
+            unused
+        };
+        if now_unused {
+            self.uninterest(key.clone());
+        }
+    }
+
+    fn uninterest(&self, key: SessionKey) {
+        let owner = key.shard(self.shards);
+        if owner == self.index {
+            self.owner_uninterest(self.index, &key);
+        } else if let Some(link) = &self.requests_out[owner] {
+            // Not awaited: called from event handling, which must never wait (see mesh.rs).
+            link.push(Request::Uninterest { key });
+        }
+    }
+
+    /// PUBLISH from a local connection.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn publish(
+        &self,
+        conn: ConnId,
+        correlation: u32,
+        key: SessionKey,
+        client_msg_id: u64,
+        trace_id: u128,
+        sender: Text,
+        payload: Bytes,
+        ingress_raw: u64,
+    ) {
+        let owner = key.shard(self.shards);
+        if owner == self.index {
+            self.owner_publish(self.index, conn, correlation, &key, client_msg_id, trace_id, &sender, &payload, ingress_raw);
+        } else {
+            let request = Request::Publish { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw };
+            self.request(owner, request).await;
+        }
+    }
+
+    /// READ_CURSOR from a local connection.
+    pub(crate) async fn read_cursor(&self, conn: ConnId, correlation: u32, key: SessionKey, participant: Text, seq: u64) {
+        let owner = key.shard(self.shards);
+        if owner == self.index {
+            self.owner_read_cursor(self.index, conn, correlation, &key, &participant, seq);
+        } else {
+            self.request(owner, Request::ReadCursor { conn, correlation, key, participant, seq }).await;
+        }
+    }
+
+    /// TYPING from a local connection.
+    pub(crate) async fn typing(&self, key: SessionKey, participant: Text, active: bool) {
+        let owner = key.shard(self.shards);
+        if owner == self.index {
+            self.owner_typing(&key, &participant, active);
+        } else {
+            self.request(owner, Request::Typing { key, participant, active }).await;
+        }
+    }
+
+    async fn request(&self, owner: usize, request: Request) {
+        if let Some(link) = &self.requests_out[owner] {
+            link.push(request);
+            link.wait_for_room().await;
+        }
+    }
+
+    fn reply(&self, origin: usize, event: Event) {
+        if origin == self.index {
+            self.handle_event(event);
+        } else if let Some(link) = &self.events_out[origin] {
+            link.push(event);
+        }
+    }
+
+    /// Waits until the event link to `peer` has room (called by request handlers).
+    async fn wait_for_event_room(&self, peer: usize) {
+        if let Some(link) = &self.events_out[peer] {
+            link.wait_for_room().await;
+        }
+    }
+
+    // ---- the owner's side ----
+
+    fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey) -> Option<&'a mut OwnedSession> {
+        if !state.sessions.contains_key(key) {
+            if state.sessions.len() >= self.config.limits.sessions_per_shard_max {
+                self.count(|c| c.session_limit_refusals_total += 1);
+                return None;
+            }
+            let session = Session::new(self.epoch, self.config.limits.history_messages_max as usize);
+            state.sessions.insert(SessionKey::owned(&key.tenant, &key.session), OwnedSession { session, interest: ShardSet::default() });
+        }
+        state.sessions.get_mut(key)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn owner_publish(
+        &self,
+        origin: usize,
+        conn: ConnId,
+        correlation: u32,
+        key: &SessionKey,
+        client_msg_id: u64,
+        trace_id: u128,
+        sender: &Text,
+        payload: &Bytes,
+        ingress_raw: u64,
+    ) {
+        let mut state = self.state.borrow_mut();
+        let Some(owned) = self.session_mut(&mut state, key) else {
+            drop(state);
+            return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
+        };
+        let outcome = owned.session.publish(Self::now_us(), trace_id, sender, client_msg_id, payload);
+        let epoch = owned.session.epoch();
+        let (seq, duplicate) = match outcome {
+            PublishOutcome::Appended(seq) => (seq, false),
+            PublishOutcome::Duplicate(seq) => (seq, true),
+        };
+        let fanout = if duplicate {
+            None
+        } else {
+            let message = owned.session.last().expect("a message was just appended");
+            let frame = Frame::Deliver(Deliver {
+                session: key.session.clone(),
+                epoch,
+                seq,
+                timestamp_us: message.timestamp_us,
+                trace_id,
+                sender: message.sender.clone(),
+                payload: message.payload.clone(),
+            });
+            Some((frame, owned.interest))
+        };
+        drop(state);
+        if let Some((frame, interest)) = fanout {
+            self.count(|c| c.publishes_total += 1);
+            let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
+            self.fanout(key, interest, &frame, ingress_raw);
+        } else {
+            self.count(|c| c.publishes_duplicate_total += 1);
+        }
+        self.reply(origin, Event::PubAck { conn, correlation, session: key.session.clone(), client_msg_id, epoch, seq, duplicate });
+    }
+
+    /// Sends a frame to every subscriber of `key`: encoded once into a pool buffer for this
+    /// shard's connections and once into shared bytes for all other interested shards.
+    fn fanout(&self, key: &SessionKey, interest: ShardSet, frame: &Frame, ingress_raw: u64) {
+        if interest.contains(self.index) {
+            let out = self.encode(frame, 0);
+            self.local_fanout(key, &out, ingress_raw);
+        }
+        let mut remote = interest;
+        remote.remove(self.index);
+        if remote != ShardSet::default() {
+            let bytes = self.encode_heap(frame, 0);
+            for peer in remote.iter() {
+                if let Some(link) = &self.events_out[peer] {
+                    link.push(Event::Fanout { key: key.clone(), frame: bytes.clone(), ingress_raw });
+                }
+            }
+        }
+    }
+
+    fn local_fanout(&self, key: &SessionKey, out: &OutBuf, ingress_raw: u64) {
+        let conns: Vec<ConnId> = match self.state.borrow().local.get(key) {
+            Some(local) => local.conns.clone(),
+            None => return,
+        };
+        let mut delivered = 0;
+        for conn in conns {
+            if self.send_buf(conn, out.clone()) {
+                delivered += 1;
+            }
+        }
+        let bytes = out.as_slice().len() as u64;
+        self.count(|c| {
+            c.deliveries_total += delivered;
+            c.delivery_bytes_total += delivered * bytes;
+        });
+        self.record_latency(ingress_raw);
+    }
+
+    fn owner_subscribe(&self, origin: usize, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
+        let mut state = self.state.borrow_mut();
+        let Some(owned) = self.session_mut(&mut state, &key) else {
+            drop(state);
+            return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
+        };
+        owned.interest.insert(origin);
+        let plan = owned.session.plan_resume(from);
+        let replay: Vec<Bytes> = owned
+            .session
+            .replay(plan.replay_from_seq)
+            .map(|message| {
+                let frame = Frame::Deliver(Deliver {
+                    session: key.session.clone(),
+                    epoch: plan.epoch,
+                    seq: message.seq,
+                    timestamp_us: message.timestamp_us,
+                    trace_id: message.trace_id,
+                    sender: message.sender.clone(),
+                    payload: message.payload.clone(),
+                });
+                self.encode_heap(&frame, 0)
+            })
+            .collect();
+        drop(state);
+        self.reply(origin, Event::Subscribed { conn, correlation, key, plan, replay });
+    }
+
+    fn owner_uninterest(&self, origin: usize, key: &SessionKey) {
+        if let Some(owned) = self.state.borrow_mut().sessions.get_mut(key) {
+            owned.interest.remove(origin);
+        }
+    }
+
+    fn owner_read_cursor(&self, origin: usize, conn: ConnId, correlation: u32, key: &SessionKey, participant: &Text, seq: u64) {
+        let mut state = self.state.borrow_mut();
+        let Some(owned) = state.sessions.get_mut(key) else {
+            drop(state);
+            return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::NotFound, message: "no such session" });
+        };
+        let cursor = owned.session.set_read_cursor(participant, seq);
+        let interest = owned.interest;
+        drop(state);
+        let frame = Frame::ReadCursor(ReadCursor { session: key.session.clone(), participant: participant.clone(), seq: cursor });
+        self.fanout(key, interest, &frame, 0);
+        self.reply(origin, Event::Done { conn, correlation });
+    }
+
+    fn owner_typing(&self, key: &SessionKey, participant: &Text, active: bool) {
+        let interest = match self.state.borrow().sessions.get(key) {
+            Some(owned) => owned.interest,
+            None => return,
+        };
+        let frame = Frame::Typing(Typing { session: key.session.clone(), participant: participant.clone(), active });
+        self.fanout(key, interest, &frame, 0);
+    }
+
+    /// Handles one request from `origin`'s ring. May wait for room on the event link back.
+    pub(crate) async fn handle_request(&self, origin: usize, request: Request) {
+        match request {
+            Request::Publish { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw } => {
+                self.owner_publish(origin, conn, correlation, &key, client_msg_id, trace_id, &sender, &payload, ingress_raw);
+            }
+            Request::Subscribe { conn, correlation, key, from } => self.owner_subscribe(origin, conn, correlation, key, from),
+            Request::Uninterest { key } => self.owner_uninterest(origin, &key),
+            Request::ReadCursor { conn, correlation, key, participant, seq } => {
+                self.owner_read_cursor(origin, conn, correlation, &key, &participant, seq);
+            }
+            Request::Typing { key, participant, active } => self.owner_typing(&key, &participant, active),
+        }
+        self.wait_for_event_room(origin).await;
+    }
+
+    // ---- events from owners (never wait) ----
+
+    /// Handles one event from an owner (this shard included). Never waits.
+    pub(crate) fn handle_event(&self, event: Event) {
+        match event {
+            Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate } => {
+                let frame = Frame::PubAck(PubAck { session, client_msg_id, epoch, seq, duplicate, durability: Durability::Memory });
+                self.send_frame(conn, &frame, correlation);
+            }
+            Event::Subscribed { conn, correlation, key, plan, replay } => self.subscribed(conn, correlation, key, &plan, replay),
+            Event::Fanout { key, frame, ingress_raw } => self.local_fanout(&key, &OutBuf::Heap(frame), ingress_raw),
+            Event::Failed { conn, correlation, code, message } => self.fail_request(conn, correlation, code, message),
+            Event::Done { conn, correlation } => self.send_frame(conn, &Frame::Success(Success {}), correlation),
+        }
+    }
+
+    fn subscribed(&self, conn: ConnId, correlation: u32, key: SessionKey, plan: &ResumePlan, replay: Vec<Bytes>) {
+        let alive = {
+            let mut state = self.state.borrow_mut();
+            let still_wanted = state.conns.get(&conn).is_some_and(|entry| entry.subscriptions.contains(&key) && !entry.closing);
+            let local = state.local.entry(key.clone()).or_default();
+            local.pending = local.pending.saturating_sub(1);
+            if still_wanted {
+                local.conns.push(conn);
+            }
+            still_wanted
+        };
+        if !alive {
+            // Unsubscribed or gone while the owner was answering.
+            let unused = self.state.borrow().local.get(&key).is_some_and(|l| l.conns.is_empty() && l.pending == 0);
+            if unused {
+                self.state.borrow_mut().local.remove(&key);
+                self.uninterest(key);
+            }
+            return;
+        }
+        let frame = Frame::Subscribed(Subscribed {
+            session: key.session.clone(),
+            epoch: plan.epoch,
+            head_seq: plan.head_seq,
+            replay_from_seq: plan.replay_from_seq,
+            recovered: plan.recovered,
+        });
+        self.send_frame(conn, &frame, correlation);
+        for frame in replay {
+            if !self.send_buf(conn, OutBuf::Heap(frame)) {
+                break;
+            }
+        }
+    }
+}
+
+async fn force_close_after(conn: ConnId, raw_fd: RawFd, grace: Duration, shard: Weak<Shard>) {
+    glommio::timer::Timer::new(grace).await;
+    let Some(shard) = shard.upgrade() else { return };
+    // Only while the id is still registered is `raw_fd` still this connection's socket (the
+    // reader removes the entry before it drops the stream).
+    if shard.state.borrow().conns.contains_key(&conn) {
+        // SAFETY: shutdown on an fd we know is open; it only wakes the reader with EOF.
+        unsafe { libc::shutdown(raw_fd, libc::SHUT_RDWR) };
+    }
+}
