@@ -1,0 +1,167 @@
+//! Test support: start the real engine on loopback, and talk to it with raw protocol frames
+//! over real sockets (mini-redis's `tests/server.rs` style). Every wait has a deadline; none
+//! is a sleep standing in for synchronisation.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use switchboard::Config;
+use switchboard_protocol::{decode, Envelope, Frame, Hello, Limits, Publish, ResumeFrom, Subscribe, Text};
+
+/// How long any single expectation may take before the test fails.
+pub const EXPECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A config for tests: ephemeral ports, `shards` shards (more than cores is fine).
+pub fn test_config(shards: usize) -> Config {
+    let mut config = Config::default();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.control = "127.0.0.1:0".parse().unwrap();
+    config.server.shards = shards;
+    config.server.shutdown_drain_ms = 500;
+    // Small pools: tests start many engines.
+    for class in &mut config.pool.classes {
+        class.slots = class.slots.min(512);
+    }
+    config
+}
+
+pub fn start(config: Config) -> switchboard::EngineHandle {
+    switchboard::start(config).expect("engine starts")
+}
+
+/// A raw protocol connection.
+pub struct Raw {
+    pub stream: TcpStream,
+    buffer: BytesMut,
+    next_correlation: u32,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(EXPECT_TIMEOUT)).unwrap();
+        Raw { stream, buffer: BytesMut::with_capacity(64 * 1024), next_correlation: 1 }
+    }
+
+    /// Connects and completes the handshake.
+    pub fn handshake(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::connect(addr);
+        raw.send(&Frame::Hello(Hello { version_max: 1, version_min: 1, features: 0, client_name: Text::from("test"), token: Text::new() }));
+        match raw.recv().frame {
+            Frame::Welcome(_) => {}
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+        raw
+    }
+
+    /// Sends a frame with a fresh correlation id; returns the id.
+    pub fn send(&mut self, frame: &Frame) -> u32 {
+        let correlation = self.next_correlation;
+        self.next_correlation += 1;
+        self.stream.write_all(&frame.to_bytes(correlation).unwrap()).unwrap();
+        correlation
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next frame, or None on EOF.
+    pub fn try_recv(&mut self) -> Option<Envelope> {
+        loop {
+            if let Some(envelope) = decode(&mut self.buffer, &Limits::default()).expect("server sent a valid frame") {
+                return Some(envelope);
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(error) => panic!("read failed (timeout is {EXPECT_TIMEOUT:?}): {error}"),
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> Envelope {
+        self.try_recv().expect("connection closed while a frame was expected")
+    }
+
+    /// Reads until EOF, returning every frame seen.
+    pub fn recv_until_closed(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(envelope) = self.try_recv() {
+            frames.push(envelope.frame);
+        }
+        frames
+    }
+
+    pub fn subscribe(&mut self, session: &str, from: ResumeFrom) -> switchboard_protocol::Subscribed {
+        let correlation = self.send(&Frame::Subscribe(Subscribe { session: Text::from(session), from }));
+        let envelope = self.recv();
+        assert_eq!(envelope.correlation, correlation);
+        match envelope.frame {
+            Frame::Subscribed(subscribed) => subscribed,
+            other => panic!("expected SUBSCRIBED, got {other:?}"),
+        }
+    }
+
+    pub fn publish_frame(session: &str, sender: &str, client_msg_id: u64, payload: &[u8]) -> Frame {
+        Frame::Publish(Publish {
+            session: Text::from(session),
+            client_msg_id,
+            trace_id: 0,
+            sender: Text::from(sender),
+            payload: bytes::Bytes::copy_from_slice(payload),
+        })
+    }
+
+    /// Publishes and waits for the PUBACK (frames for other correlations are not expected on a
+    /// publisher connection that subscribes to nothing).
+    pub fn publish(&mut self, session: &str, client_msg_id: u64, payload: &[u8]) -> switchboard_protocol::PubAck {
+        let correlation = self.send(&Self::publish_frame(session, "alice", client_msg_id, payload));
+        let envelope = self.recv();
+        assert_eq!(envelope.correlation, correlation);
+        match envelope.frame {
+            Frame::PubAck(ack) => ack,
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+
+    /// Next DELIVER (fails on anything else).
+    pub fn deliver(&mut self) -> switchboard_protocol::Deliver {
+        match self.recv().frame {
+            Frame::Deliver(deliver) => deliver,
+            other => panic!("expected DELIVER, got {other:?}"),
+        }
+    }
+}
+
+/// A plain HTTP GET on the control port: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(EXPECT_TIMEOUT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("HTTP status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// Reads a counter or gauge summed over shards from /metrics text.
+pub fn metric_sum(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+pub fn deadline() -> Instant {
+    Instant::now() + EXPECT_TIMEOUT
+}

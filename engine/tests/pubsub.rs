@@ -1,0 +1,149 @@
+//! Publish, fan-out, order, resume and idempotency through the real engine, with 1 shard and
+//! with more shards than cores (sessions then live on shards other than the connections').
+
+mod common;
+
+use common::{start, test_config, Raw};
+use switchboard_protocol::{Frame, ResumeFrom};
+
+/// Three subscribers on three connections (the kernel spreads them over shards) see every
+/// message of every session, in the same order, with consecutive seqs.
+fn fan_out_in_order(shards: usize) {
+    let engine = start(test_config(shards));
+    let addr = engine.data_addr();
+    let sessions: Vec<String> = (0..12).map(|i| format!("conv-{i}")).collect();
+    let mut subscribers: Vec<Raw> = (0..3).map(|_| Raw::handshake(addr)).collect();
+    for subscriber in &mut subscribers {
+        for session in &sessions {
+            let subscribed = subscriber.subscribe(session, ResumeFrom::Live);
+            assert!(subscribed.recovered);
+            assert_eq!(subscribed.head_seq, 0);
+        }
+    }
+    let mut publisher = Raw::handshake(addr);
+    let per_session = 50u64;
+    for round in 0..per_session {
+        for session in &sessions {
+            let ack = publisher.publish(session, 0, format!("{session}/{round}").as_bytes());
+            assert_eq!(ack.seq, round + 1, "seqs are consecutive per session");
+            assert!(!ack.duplicate);
+        }
+    }
+    for subscriber in &mut subscribers {
+        let mut next_seq = vec![1u64; sessions.len()];
+        for _ in 0..per_session * sessions.len() as u64 {
+            let deliver = subscriber.deliver();
+            let index = sessions.iter().position(|s| *s == deliver.session.as_str()).expect("a subscribed session");
+            assert_eq!(deliver.seq, next_seq[index], "per-session order, no gap, no duplicate");
+            assert_eq!(&deliver.payload[..], format!("{}/{}", deliver.session, deliver.seq - 1).as_bytes());
+            next_seq[index] += 1;
+        }
+    }
+    engine.shutdown();
+}
+
+#[test]
+fn fan_out_in_order_one_shard() {
+    fan_out_in_order(1);
+}
+
+#[test]
+fn fan_out_in_order_four_shards() {
+    fan_out_in_order(4);
+}
+
+fn resume(shards: usize) {
+    let mut config = test_config(shards);
+    config.limits.history_messages_max = 16;
+    let engine = start(config);
+    let addr = engine.data_addr();
+    let mut publisher = Raw::handshake(addr);
+    let mut subscriber = Raw::handshake(addr);
+    subscriber.subscribe("conv", ResumeFrom::Live);
+    let mut epoch = 0;
+    for n in 1..=5u64 {
+        epoch = publisher.publish("conv", 0, &n.to_le_bytes()).epoch;
+        assert_eq!(subscriber.deliver().seq, n);
+    }
+    drop(subscriber);
+    for n in 6..=12u64 {
+        publisher.publish("conv", 0, &n.to_le_bytes());
+    }
+    // Resume inside history: replay 6..=12, then live, no gap, no duplicate.
+    let mut subscriber = Raw::handshake(addr);
+    let subscribed = subscriber.subscribe("conv", ResumeFrom::After { epoch, seq: 5 });
+    assert!(subscribed.recovered);
+    assert_eq!((subscribed.replay_from_seq, subscribed.head_seq), (6, 12));
+    for n in 6..=12u64 {
+        let deliver = subscriber.deliver();
+        assert_eq!((deliver.seq, &deliver.payload[..]), (n, &n.to_le_bytes()[..]));
+    }
+    publisher.publish("conv", 0, b"live");
+    assert_eq!(subscriber.deliver().seq, 13);
+
+    // Past history (16 kept, 40 more published): recovered = false, and what is left replays.
+    for n in 14..=53u64 {
+        publisher.publish("conv", 0, &n.to_le_bytes());
+    }
+    let mut late = Raw::handshake(addr);
+    let subscribed = late.subscribe("conv", ResumeFrom::After { epoch, seq: 13 });
+    assert!(!subscribed.recovered, "a gap that history no longer covers must be reported");
+    assert_eq!(subscribed.replay_from_seq, 53 - 16 + 1);
+    assert_eq!(late.deliver().seq, 38);
+
+    // Another epoch (e.g. a restart without journal): recovered = false too.
+    let mut stranger = Raw::handshake(addr);
+    assert!(!stranger.subscribe("conv", ResumeFrom::After { epoch: epoch ^ 2, seq: 50 }).recovered);
+    engine.shutdown();
+}
+
+#[test]
+fn resume_one_shard() {
+    resume(1);
+}
+
+#[test]
+fn resume_three_shards() {
+    resume(3);
+}
+
+#[test]
+fn duplicate_client_message_id_is_acknowledged_once_and_delivered_once() {
+    let engine = start(test_config(2));
+    let addr = engine.data_addr();
+    let mut subscriber = Raw::handshake(addr);
+    subscriber.subscribe("conv", ResumeFrom::Live);
+    let mut publisher = Raw::handshake(addr);
+    let first = publisher.publish("conv", 77, b"hello");
+    let again = publisher.publish("conv", 77, b"hello");
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    let next = publisher.publish("conv", 78, b"world");
+    assert_eq!(next.seq, 2);
+    assert_eq!(subscriber.deliver().seq, 1);
+    let deliver = subscriber.deliver();
+    assert_eq!((deliver.seq, &deliver.payload[..]), (2, &b"world"[..]), "the duplicate was not delivered");
+    engine.shutdown();
+}
+
+#[test]
+fn unsubscribe_stops_delivery_and_unknown_unsubscribe_is_an_error() {
+    let engine = start(test_config(3));
+    let addr = engine.data_addr();
+    let mut subscriber = Raw::handshake(addr);
+    subscriber.subscribe("a", ResumeFrom::Live);
+    subscriber.subscribe("b", ResumeFrom::Live);
+    let correlation = subscriber.send(&Frame::Unsubscribe(switchboard_protocol::Unsubscribe { session: "a".into() }));
+    let reply = subscriber.recv();
+    assert_eq!((reply.correlation, matches!(reply.frame, Frame::Success(_))), (correlation, true));
+    let correlation = subscriber.send(&Frame::Unsubscribe(switchboard_protocol::Unsubscribe { session: "zzz".into() }));
+    let reply = subscriber.recv();
+    assert_eq!(reply.correlation, correlation);
+    assert!(matches!(reply.frame, Frame::Error(ref e) if e.code == switchboard_protocol::ErrorCode::NotFound.as_u16()));
+    let mut publisher = Raw::handshake(addr);
+    publisher.publish("a", 0, b"not for you");
+    publisher.publish("b", 0, b"for you");
+    let deliver = subscriber.deliver();
+    assert_eq!(deliver.session.as_str(), "b");
+    engine.shutdown();
+}
