@@ -86,6 +86,9 @@ impl Reader {
             if self.shard.is_closing(self.conn) {
                 return;
             }
+            // A read returns at once while the socket has data, so a busy publisher would keep
+            // the executor to itself: give the flusher (and everyone else) a turn per read.
+            glommio::executor().yield_now().await;
         }
     }
 
