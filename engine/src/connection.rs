@@ -99,6 +99,7 @@ impl Reader {
             Ok(read) => {
                 self.buffer.extend_from_slice(&self.scratch[..read]);
                 self.shard.count(|c| c.bytes_received_total += read as u64);
+                self.shard.touch(self.conn);
                 true
             }
         }

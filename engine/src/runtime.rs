@@ -297,6 +297,7 @@ async fn run_shard(wiring: ShardWiring) {
         glommio::spawn_local(drain_events(shard.clone(), ring, batch)).detach();
     }
     glommio::spawn_local(serve_control(shard.clone(), wiring.control_rx)).detach();
+    glommio::spawn_local(shard.clone().sweep_idle()).detach();
 
     wiring.listening.fetch_add(1, Ordering::SeqCst);
     let _ = wiring.started.send(Ok(index));

@@ -75,6 +75,8 @@ pub(crate) struct ConnEntry {
     pub(crate) tenant: Option<Text>,
     pub(crate) subscriptions: HashSet<SessionKey>,
     closing: bool,
+    /// Raw clock reading of the last bytes received, for the idle sweep.
+    last_read_raw: u64,
 }
 
 #[derive(Default)]
@@ -261,7 +263,7 @@ impl Shard {
         };
         let conn = (self.index as u64) << 48 | self.next_conn.get();
         self.next_conn.set(self.next_conn.get() + 1);
-        let entry = ConnEntry { slot, raw_fd, tenant: None, subscriptions: HashSet::new(), closing: false };
+        let entry = ConnEntry { slot, raw_fd, tenant: None, subscriptions: HashSet::new(), closing: false, last_read_raw: self.clock.raw() };
         self.state.borrow_mut().conns.insert(conn, entry);
         self.count(|c| c.connections_accepted_total += 1);
         Some(conn)
@@ -389,6 +391,42 @@ impl Shard {
         });
         for conn in conns {
             self.close_conn(conn, &frame, 0, grace);
+        }
+    }
+
+    /// Notes that a connection sent something (keepalive).
+    pub(crate) fn touch(&self, conn: ConnId) {
+        let now = self.clock.raw();
+        if let Some(entry) = self.state.borrow_mut().conns.get_mut(&conn) {
+            entry.last_read_raw = now;
+        }
+    }
+
+    /// Closes connections silent for more than twice the keepalive interval, with
+    /// GOAWAY(idle timeout). Runs every half keepalive, until shutdown.
+    pub(crate) async fn sweep_idle(self: Rc<Self>) {
+        let keepalive = Duration::from_millis(u64::from(self.config.limits.keepalive_ms));
+        let frame = Frame::GoAway(GoAway {
+            reason: GoAwayReason::IdleTimeout,
+            reconnect_after_ms: 0,
+            message: Text::from_static("nothing received within twice the keepalive interval"),
+        });
+        let grace = Duration::from_millis(self.config.limits.slow_consumer_close_ms);
+        while !self.shutdown.is_set() {
+            glommio::timer::Timer::new(keepalive / 2).await;
+            let now = self.clock.raw();
+            let idle: Vec<ConnId> = self
+                .state
+                .borrow()
+                .conns
+                .iter()
+                .filter(|(_, entry)| !entry.closing && self.clock.delta(entry.last_read_raw, now) > keepalive * 2)
+                .map(|(&conn, _)| conn)
+                .collect();
+            for conn in idle {
+                tracing::debug!(shard = self.index, conn, "idle timeout");
+                self.close_conn(conn, &frame, 0, grace);
+            }
         }
     }
 

@@ -86,3 +86,26 @@ fn bad_flags_and_config_are_refused_with_a_clear_message() {
     assert_eq!(String::from_utf8_lossy(&documented.stdout), String::from_utf8_lossy(&embedded.stdout), "ops/switchboard.toml must match the defaults");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_silent_connection_gets_goaway_idle_timeout_and_an_active_one_stays() {
+    let mut config = common::test_config(1);
+    config.limits.keepalive_ms = 200;
+    let engine = common::start(config);
+    let mut silent = Raw::handshake(engine.data_addr());
+    let mut active = Raw::handshake(engine.data_addr());
+    // The active one pings well within the keepalive while the silent one says nothing.
+    let started = std::time::Instant::now();
+    let frames = std::thread::scope(|scope| {
+        let silent_frames = scope.spawn(|| silent.recv_until_closed());
+        while !silent_frames.is_finished() {
+            let correlation = active.send(&Frame::Ping(switchboard_protocol::Ping { nonce: 9 }));
+            assert_eq!(active.recv().correlation, correlation, "the active connection stays open");
+            assert!(started.elapsed() < common::EXPECT_TIMEOUT);
+            std::thread::sleep(std::time::Duration::from_millis(50)); // pacing the pings, not synchronisation
+        }
+        silent_frames.join().unwrap()
+    });
+    assert!(matches!(frames.last(), Some(Frame::GoAway(g)) if g.reason == GoAwayReason::IdleTimeout), "{frames:?}");
+    engine.shutdown();
+}
