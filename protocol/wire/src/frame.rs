@@ -623,6 +623,7 @@ impl Frame {
 /// - `Ok(Some(envelope))`: a frame was removed from `src`; its payloads share `src`'s memory.
 /// - `Ok(None)`: not enough bytes yet (a normal result); nothing is consumed.
 /// - `Err(_)`: the stream is invalid; reply with ERROR([`DecodeError::code`]) and close.
+///   Nothing is consumed, so the offending bytes are still at the front of `src`.
 ///
 /// The header is checked (magic, version, type, reserved bits, length against `limits`) as
 /// soon as its bytes arrive, before waiting for the body.
@@ -634,12 +635,21 @@ pub fn decode(src: &mut BytesMut, limits: &Limits) -> Result<Option<Envelope>, D
         src.reserve(frame_bytes - src.len());
         return Ok(None);
     }
-    let mut body = src.split_to(frame_bytes).freeze();
-    let _ = body.split_to(HEADER_BYTES);
-    let mut reader = Reader::new(body);
-    let frame = Frame::get_body(header.frame_type, &mut reader)?;
-    reader.finish()?;
-    Ok(Some(Envelope { correlation: header.correlation, frame }))
+    let whole = src.split_to(frame_bytes).freeze();
+    let mut reader = Reader::new(whole.slice(HEADER_BYTES..));
+    let decoded = Frame::get_body(header.frame_type, &mut reader).and_then(|frame| reader.finish().map(|()| frame));
+    match decoded {
+        Ok(frame) => Ok(Some(Envelope { correlation: header.correlation, frame })),
+        Err(error) => {
+            // Errors consume nothing, whether found in the header or the body: the caller may
+            // log the offending bytes. The copy only happens on this terminal path.
+            let mut restored = BytesMut::with_capacity(whole.len() + src.len());
+            restored.extend_from_slice(&whole);
+            restored.extend_from_slice(src);
+            *src = restored;
+            Err(error)
+        }
+    }
 }
 
 #[cfg(test)]
