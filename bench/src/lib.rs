@@ -1,1 +1,40 @@
-//! placeholder
+//! Switchboard's load generator and the machinery around it.
+//!
+//! Module map:
+//! - [`clock`]: one process-wide time base; every timestamp is nanoseconds since it.
+//! - [`payload`]: the 20-byte header every published message carries (session, per-session
+//!   counter, intended send time), padded to `--payload` bytes.
+//! - [`backend`]: the small [`backend::Backend`] trait (gateway connections that subscribe and
+//!   read deliveries, publisher connections that write) and one file per backend: `switchboard`
+//!   (the binary protocol through the `switchboard-protocol` codec), `nats` (core NATS text
+//!   protocol), `redis` (RESP SUBSCRIBE/PUBLISH), `mock` (in-process, can drop, duplicate and
+//!   reorder on purpose, for tests).
+//! - [`accounting`]: sans-IO per (subscriber, session) order tracking: lost, duplicated,
+//!   reordered deliveries.
+//! - [`latency`]: hdrhistogram wrapper, percentiles, the percentile spectrum and `.hgrm` output.
+//! - [`procstat`]: server CPU (utime+stime from /proc/PID/stat), RSS (/proc/PID/status), the
+//!   generator's own CPU (getrusage) and allowed cores.
+//! - [`run`]: the generator itself: threads, pacing on a tick, the bounded `--max` window, the
+//!   measured window and the drain.
+//! - [`report`]: the report (serde: JSON with every figure and the full settings) and its
+//!   human-readable table.
+//! - [`compare`]: the side-by-side matrix (servers, cases, repetitions, medians, ratios).
+//! - [`plot`]: PNG plots of a comparison with plotters.
+//!
+//! Binaries: `loadgen` (one run), `compare` (the matrix against nats-server, redis-server and
+//! switchboard), `plot` (re-plot a saved comparison).
+
+// Figures are counts and nanoseconds turned into rates and microseconds: the f64 conversions
+// are on purpose and far from the 2^52 where they would round.
+#![allow(clippy::cast_precision_loss, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
+
+pub mod accounting;
+pub mod backend;
+pub mod clock;
+pub mod compare;
+pub mod latency;
+pub mod payload;
+pub mod plot;
+pub mod procstat;
+pub mod report;
+pub mod run;

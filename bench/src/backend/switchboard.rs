@@ -1,0 +1,335 @@
+//! Switchboard's binary protocol, through the `switchboard-protocol` codec.
+//!
+//! Session `i` is session id `s.{i}`. Each connection does the HELLO → WELCOME handshake (token
+//! from `$SWITCHBOARD_TOKEN`, empty by default), then a gateway sends one SUBSCRIBE per session
+//! (from `Live`) and counts the SUBSCRIBED replies; DELIVER payloads go to the sink. Publishers
+//! send PUBLISH (`client_msg_id` 0: no idempotency window) and their PUBACKs are read and
+//! discarded by the [`Replies`] half. Both answer server PINGs and send a PING of their own when
+//! they have written nothing for a third of `keepalive_ms`.
+
+use super::{PublisherPair, is_timeout, proto_err, subject, Backend, Gateway, Poll, Publisher, Replies, FLUSH_AT};
+use bytes::{Bytes, BytesMut};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use switchboard_protocol::{
+    decode, ErrorCode, Frame, Hello, Limits, Ping, Pong, Publish, ResumeFrom, ServerLimits, Subscribe, Text,
+};
+
+/// Unconfirmed SUBSCRIBEs allowed in flight during setup.
+const IN_FLIGHT: usize = 20_000;
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 128 * 1024;
+
+/// The Switchboard backend.
+pub struct Switchboard {
+    addr: String,
+    token: String,
+}
+
+impl Switchboard {
+    /// A backend for the engine at `addr`; the token comes from `$SWITCHBOARD_TOKEN`.
+    pub fn new(addr: &str) -> Self {
+        Self { addr: addr.to_string(), token: std::env::var("SWITCHBOARD_TOKEN").unwrap_or_default() }
+    }
+}
+
+/// One connection after the handshake: socket, read buffer, next correlation id, limits.
+struct Conn {
+    sock: TcpStream,
+    rbuf: BytesMut,
+    next_corr: u32,
+    limits: ServerLimits,
+    last_write: Instant,
+}
+
+fn frame_err(f: &Frame) -> Option<io::Error> {
+    match f {
+        Frame::Error(e) => Some(proto_err(format!(
+            "switchboard ERROR {:?} ({}): {}",
+            ErrorCode::from_u16(e.code),
+            e.code,
+            e.message.as_str()
+        ))),
+        Frame::GoAway(g) => Some(proto_err(format!("switchboard GOAWAY {:?}: {}", g.reason, g.message.as_str()))),
+        _ => None,
+    }
+}
+
+fn encode_into(out: &mut BytesMut, f: &Frame, corr: u32) -> io::Result<()> {
+    f.encode(corr, out).map_err(|e| proto_err(format!("encode: {e:?}")))
+}
+
+impl Conn {
+    fn open(addr: &str, token: &str, name: &str) -> io::Result<Conn> {
+        let sock = super::connect(addr)?;
+        let mut c = Conn {
+            sock,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            next_corr: 1,
+            limits: ServerLimits {
+                frame_body_bytes_max: 0,
+                payload_bytes_max: 0,
+                subscriptions_max: 0,
+                history_messages_max: 0,
+                keepalive_ms: 0,
+                outbound_bytes_max: 0,
+            },
+            last_write: Instant::now(),
+        };
+        let hello = Frame::Hello(Hello {
+            version_max: 1,
+            version_min: 1,
+            features: 0,
+            client_name: Text::from(name),
+            token: Text::from(token),
+        });
+        let corr = c.corr();
+        let mut out = BytesMut::new();
+        encode_into(&mut out, &hello, corr)?;
+        c.sock.write_all(&out)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "switchboard: no WELCOME within 10 s"));
+            }
+            if c.fill()? == Poll::Closed {
+                return Err(proto_err("switchboard: server closed the connection during the handshake"));
+            }
+            if let Some(env) = decode(&mut c.rbuf, &Limits::default()).map_err(|e| proto_err(format!("decode: {e:?}")))? {
+                if let Some(e) = frame_err(&env.frame) {
+                    return Err(e);
+                }
+                let Frame::Welcome(w) = env.frame else {
+                    return Err(proto_err(format!("switchboard: expected WELCOME, got {:?}", env.frame.frame_type())));
+                };
+                c.limits = w.limits;
+                return Ok(c);
+            }
+        }
+    }
+
+    fn corr(&mut self) -> u32 {
+        let c = self.next_corr;
+        self.next_corr = self.next_corr.wrapping_add(1).max(1);
+        c
+    }
+
+    /// Read once into the buffer.
+    fn fill(&mut self) -> io::Result<Poll> {
+        fill(&mut self.sock, &mut self.rbuf)
+    }
+
+    /// Whether a keepalive PING is due.
+    fn keepalive_due(&self) -> bool {
+        let k = u64::from(self.limits.keepalive_ms);
+        k > 0 && self.last_write.elapsed() >= Duration::from_millis(k / 3)
+    }
+}
+
+fn fill(sock: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<Poll> {
+    let len = rbuf.len();
+    rbuf.resize(len + READ_CHUNK, 0);
+    let r = sock.read(&mut rbuf[len..]);
+    match r {
+        Ok(0) => {
+            rbuf.truncate(len);
+            Ok(Poll::Closed)
+        }
+        Ok(n) => {
+            rbuf.truncate(len + n);
+            Ok(Poll::Data)
+        }
+        Err(e) => {
+            rbuf.truncate(len);
+            if is_timeout(&e) { Ok(Poll::Idle) } else { Err(e) }
+        }
+    }
+}
+
+impl Backend for Switchboard {
+    fn name(&self) -> &'static str {
+        "switchboard"
+    }
+
+    fn gateway(&self, index: usize, sessions: &[u32]) -> io::Result<Box<dyn Gateway>> {
+        let conn = Conn::open(&self.addr, &self.token, &format!("loadgen-gateway-{index}"))?;
+        let max = conn.limits.subscriptions_max as usize;
+        if max > 0 && sessions.len() > max {
+            return Err(proto_err(format!(
+                "switchboard allows {max} subscriptions per connection; gateway {index} needs {} (use more --gateways)",
+                sessions.len()
+            )));
+        }
+        let mut g = SbGateway { conn, sessions: sessions.to_vec(), sent: 0, confirmed: 0 };
+        g.send_more()?;
+        Ok(Box::new(g))
+    }
+
+    fn publisher(&self, index: usize) -> io::Result<PublisherPair> {
+        let conn = Conn::open(&self.addr, &self.token, &format!("loadgen-publisher-{index}"))?;
+        let pending = Arc::new(Mutex::new(Vec::new()));
+        let replies = SbReplies { sock: conn.sock.try_clone()?, rbuf: BytesMut::with_capacity(READ_CHUNK), pongs_due: pending.clone() };
+        Ok((
+            Box::new(SbPublisher {
+                conn,
+                out: BytesMut::with_capacity(FLUSH_AT + 4096),
+                subjects: Vec::new(),
+                sender: Text::from("loadgen"),
+                pongs_due: pending,
+            }),
+            Some(Box::new(replies)),
+        ))
+    }
+}
+
+struct SbGateway {
+    conn: Conn,
+    sessions: Vec<u32>,
+    sent: usize,
+    confirmed: usize,
+}
+
+impl SbGateway {
+    fn send_more(&mut self) -> io::Result<()> {
+        let mut out = BytesMut::new();
+        while self.sent < self.sessions.len() && self.sent - self.confirmed < IN_FLIGHT && out.len() < FLUSH_AT {
+            let s = self.sessions[self.sent];
+            let corr = self.conn.corr();
+            encode_into(&mut out, &Frame::Subscribe(Subscribe { session: Text::from(subject(s)), from: ResumeFrom::Live }), corr)?;
+            self.sent += 1;
+        }
+        if !out.is_empty() {
+            self.conn.sock.write_all(&out)?;
+            self.conn.last_write = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn parse(&mut self, sink: &mut dyn FnMut(&[u8])) -> io::Result<()> {
+        let mut out = BytesMut::new();
+        while let Some(env) = decode(&mut self.conn.rbuf, &Limits::default()).map_err(|e| proto_err(format!("decode: {e:?}")))? {
+            match &env.frame {
+                Frame::Deliver(d) => sink(&d.payload),
+                Frame::Subscribed(_) => self.confirmed += 1,
+                Frame::Ping(p) => encode_into(&mut out, &Frame::Pong(Pong { nonce: p.nonce }), env.correlation)?,
+                f => {
+                    if let Some(e) = frame_err(f) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if self.conn.keepalive_due() {
+            let corr = self.conn.corr();
+            encode_into(&mut out, &Frame::Ping(Ping { nonce: u64::from(corr) }), corr)?;
+        }
+        if !out.is_empty() {
+            self.conn.sock.write_all(&out)?;
+            self.conn.last_write = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+impl Gateway for SbGateway {
+    fn wait_ready(&mut self, deadline: Instant) -> io::Result<()> {
+        while self.confirmed < self.sessions.len() {
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("switchboard: {} of {} subscriptions confirmed", self.confirmed, self.sessions.len()),
+                ));
+            }
+            if self.poll(&mut |_| {})? == Poll::Closed {
+                return Err(proto_err("switchboard: server closed the connection during setup"));
+            }
+            self.send_more()?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, sink: &mut dyn FnMut(&[u8])) -> io::Result<Poll> {
+        let p = self.conn.fill()?;
+        if p != Poll::Closed {
+            self.parse(sink)?;
+        }
+        Ok(p)
+    }
+}
+
+struct SbPublisher {
+    conn: Conn,
+    out: BytesMut,
+    /// Session id texts, built on first use (cloning a `Text` is a reference count).
+    subjects: Vec<Option<Text>>,
+    sender: Text,
+    /// (correlation, nonce) of server PINGs to answer, queued by the replies thread.
+    pongs_due: Arc<Mutex<Vec<(u32, u64)>>>,
+}
+
+impl Publisher for SbPublisher {
+    fn publish(&mut self, session: u32, payload: &[u8]) -> io::Result<()> {
+        let i = session as usize;
+        if i >= self.subjects.len() {
+            self.subjects.resize(i + 1, None);
+        }
+        let subj = self.subjects[i].get_or_insert_with(|| Text::from(subject(session))).clone();
+        let corr = self.conn.corr();
+        let f = Frame::Publish(Publish {
+            session: subj,
+            client_msg_id: 0,
+            trace_id: 0,
+            sender: self.sender.clone(),
+            payload: Bytes::copy_from_slice(payload),
+        });
+        encode_into(&mut self.out, &f, corr)?;
+        if self.out.len() >= FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let due: Vec<(u32, u64)> = std::mem::take(&mut *self.pongs_due.lock().unwrap());
+        for (corr, nonce) in due {
+            encode_into(&mut self.out, &Frame::Pong(Pong { nonce }), corr)?;
+        }
+        if self.out.is_empty() && self.conn.keepalive_due() {
+            let corr = self.conn.corr();
+            encode_into(&mut self.out, &Frame::Ping(Ping { nonce: u64::from(corr) }), corr)?;
+        }
+        if !self.out.is_empty() {
+            self.conn.sock.write_all(&self.out)?;
+            self.out.clear();
+            self.conn.last_write = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// Reads PUBACKs (discarded), PONGs and server PINGs (answered by the publisher at its next
+/// flush, so only one thread writes the socket); ERROR and GOAWAY end the run.
+struct SbReplies {
+    sock: TcpStream,
+    rbuf: BytesMut,
+    pongs_due: Arc<Mutex<Vec<(u32, u64)>>>,
+}
+
+impl Replies for SbReplies {
+    fn poll(&mut self) -> io::Result<Poll> {
+        let p = fill(&mut self.sock, &mut self.rbuf)?;
+        while let Some(env) = decode(&mut self.rbuf, &Limits::default()).map_err(|e| proto_err(format!("decode: {e:?}")))? {
+            match &env.frame {
+                Frame::Ping(ping) => self.pongs_due.lock().unwrap().push((env.correlation, ping.nonce)),
+                f => {
+                    if let Some(e) = frame_err(f) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(p)
+    }
+}
