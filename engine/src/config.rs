@@ -9,6 +9,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// Largest DELIVER frame minus its payload: header, two maximal ids and the fixed fields.
+pub const DELIVER_OVERHEAD_BYTES_MAX: usize = 16 + (1 + 128) + 8 + 8 + 8 + 16 + (1 + 128) + 4;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -139,7 +142,7 @@ impl Default for LimitsConfig {
             history_messages_max: 128,
             sessions_per_shard_max: 2_000_000,
             connections_per_shard_max: 65_536,
-            outbound_bytes_max: 8 << 20,
+            outbound_bytes_max: 16 << 20,
             outbound_frames_max: 65_536,
             keepalive_ms: 30_000,
             handshake_timeout_ms: 5_000,
@@ -246,6 +249,17 @@ impl Config {
         }
         if limits.outbound_bytes_max < limits.frame_body_bytes_max as usize + 64 {
             return invalid("limits.outbound_bytes_max", "must hold at least one largest frame");
+        }
+        // A resume replays up to the whole history at once; it must fit the outbound limit, or
+        // the resuming client would be cut off as a slow consumer by its own replay.
+        let replay_bytes_max = limits.history_messages_max as usize * (limits.payload_bytes_max as usize + DELIVER_OVERHEAD_BYTES_MAX);
+        if limits.outbound_bytes_max < replay_bytes_max {
+            return Err(ConfigError::Invalid {
+                key: "limits.outbound_bytes_max",
+                problem: format!(
+                    "must hold a full history replay: history_messages_max x (payload_bytes_max + {DELIVER_OVERHEAD_BYTES_MAX}) = {replay_bytes_max} bytes"
+                ),
+            });
         }
         if limits.outbound_frames_max == 0 || limits.connections_per_shard_max == 0 || limits.sessions_per_shard_max == 0 {
             return invalid("limits", "counts must be positive");

@@ -30,6 +30,8 @@
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod cs;
+pub mod journal;
 pub mod mesh;
 pub mod metrics;
 pub mod pool;
@@ -37,6 +39,7 @@ pub mod runtime;
 pub mod session;
 pub mod shard;
 pub mod shutdown;
+pub mod timer;
 pub mod uring;
 
 pub use config::Config;

@@ -6,7 +6,7 @@
 //! single-threaded on purpose (`Rc`/`Cell`, so `!Send`): a shard owns its pool and its leases
 //! never leave the shard (cross-shard messages copy their bytes onto the ring).
 //!
-//! Why leases and not borrows: an io_uring send holds a buffer until its completion arrives,
+//! Why leases and not borrows: an `io_uring` send holds a buffer until its completion arrives,
 //! which is after the code that queued it has moved on (monoio's "async rent" argument). So a
 //! [`Lease`] owns its slot; the sender keeps a clone per queued send and the slot goes back
 //! to its free list when the last clone drops. A message is encoded once into a
@@ -60,7 +60,7 @@ pub const FRAME_BYTES_MAX: usize = switchboard_protocol::HEADER_BYTES
 impl Default for PoolConfig {
     /// About 80 MiB per shard, chosen from the protocol's frame sizes:
     ///
-    /// | slot_bytes | slots  | bytes  | what fits                                              |
+    /// | `slot_bytes` | slots | bytes | what fits                                            |
     /// |-----------:|-------:|-------:|--------------------------------------------------------|
     /// | 256 B      | 32768  | 8 MiB  | acks, receipts, typing, short chat lines: most frames  |
     /// | 2 KiB      | 16384  | 32 MiB | a chat message at `MESSAGE_BYTES_MAX` (1 KiB) with ids |
@@ -470,12 +470,12 @@ impl fmt::Debug for LeaseMut {
             .field("class", &self.class)
             .field("slot", &self.slot)
             .field("capacity", &self.capacity)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 /// An immutable, ref-counted (non-atomic) view of bytes in a pool slot. Its address is stable
-/// until the last clone drops, which is what lets an in-flight io_uring send hold one.
+/// until the last clone drops, which is what lets an in-flight `io_uring` send hold one.
 pub struct Lease {
     pool: Rc<PoolInner>,
     ptr: NonNull<u8>,
@@ -489,6 +489,7 @@ impl Lease {
     ///
     /// # Panics
     /// If the range is out of bounds, like slice indexing.
+    #[must_use]
     pub fn slice(&self, range: impl RangeBounds<usize>) -> Lease {
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
@@ -558,11 +559,12 @@ impl fmt::Debug for Lease {
             .field("class", &self.class)
             .field("slot", &self.slot)
             .field("len", &self.len)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::many_single_char_names)]
 mod tests {
     use super::*;
 

@@ -71,7 +71,6 @@ struct LocalSubscribers {
 /// A connection as the shard sees it.
 pub(crate) struct ConnEntry {
     slot: ConnSlot,
-    raw_fd: RawFd,
     pub(crate) tenant: Option<Text>,
     pub(crate) subscriptions: HashSet<SessionKey>,
     closing: bool,
@@ -263,7 +262,7 @@ impl Shard {
         };
         let conn = (self.index as u64) << 48 | self.next_conn.get();
         self.next_conn.set(self.next_conn.get() + 1);
-        let entry = ConnEntry { slot, raw_fd, tenant: None, subscriptions: HashSet::new(), closing: false, last_read_raw: self.clock.raw() };
+        let entry = ConnEntry { slot, tenant: None, subscriptions: HashSet::new(), closing: false, last_read_raw: self.clock.raw() };
         self.state.borrow_mut().conns.insert(conn, entry);
         self.count(|c| c.connections_accepted_total += 1);
         Some(conn)
@@ -279,8 +278,8 @@ impl Shard {
         self.state.borrow().conns.get(&conn).is_none_or(|entry| entry.closing || self.sender.is_closed(entry.slot))
     }
 
-    /// Forgets a connection whose reader has stopped: its subscriptions end, its sender slot
-    /// is released once in-flight sends complete.
+    /// Forgets a connection whose reader has stopped: its subscriptions end; its sender slot
+    /// is released once in-flight sends complete (a last ERROR or GOAWAY is still flushed).
     pub(crate) fn remove_conn(&self, conn: ConnId) {
         let Some(entry) = self.state.borrow_mut().conns.remove(&conn) else { return };
         for key in &entry.subscriptions {
@@ -348,19 +347,19 @@ impl Shard {
     /// Sends a last frame (ERROR or GOAWAY) past the outbound limit and closes the connection
     /// once it is written — or after `grace` if the peer does not read it.
     pub(crate) fn close_conn(&self, conn: ConnId, last: &Frame, correlation: u32, grace: Duration) {
-        let (slot, raw_fd) = {
+        let slot = {
             let mut state = self.state.borrow_mut();
             let Some(entry) = state.conns.get_mut(&conn) else { return };
             if entry.closing {
                 return;
             }
             entry.closing = true;
-            (entry.slot, entry.raw_fd)
+            entry.slot
         };
         let out = self.encode(last, correlation);
         // Closed already: nothing left to say on this connection.
         let _ = self.sender.enqueue_final(slot, out);
-        glommio::spawn_local(force_close_after(conn, raw_fd, grace, self.me.clone())).detach();
+        glommio::spawn_local(abort_after(slot, grace, self.me.clone())).detach();
     }
 
     /// Closes a connection for breaking the protocol: ERROR with the code, then close.
@@ -790,13 +789,12 @@ impl Shard {
     }
 }
 
-async fn force_close_after(conn: ConnId, raw_fd: RawFd, grace: Duration, shard: Weak<Shard>) {
+/// Bounds how long a closing connection may take to read its last frame: after `grace`, the
+/// socket is cut. The sender's slot handle carries a generation, so this never touches a later
+/// connection that reused the slot.
+async fn abort_after(slot: ConnSlot, grace: Duration, shard: Weak<Shard>) {
     glommio::timer::Timer::new(grace).await;
-    let Some(shard) = shard.upgrade() else { return };
-    // Only while the id is still registered is `raw_fd` still this connection's socket (the
-    // reader removes the entry before it drops the stream).
-    if shard.state.borrow().conns.contains_key(&conn) {
-        // SAFETY: shutdown on an fd we know is open; it only wakes the reader with EOF.
-        unsafe { libc::shutdown(raw_fd, libc::SHUT_RDWR) };
+    if let Some(shard) = shard.upgrade() {
+        shard.sender.abort(slot);
     }
 }

@@ -1,6 +1,6 @@
-//! Per-shard io_uring batched sender: the fan-out write path.
+//! Per-shard `io_uring` batched sender: the fan-out write path.
 //!
-//! Owns: one io_uring (io-uring crate) per shard, an eventfd registered on it, and a slab of
+//! Owns: one `io_uring` (io-uring crate) per shard, an eventfd registered on it, and a slab of
 //! outbound connection states (a `dup` of each socket, its queue of [`OutBuf`]s, the `msghdr`
 //! and `iovec` array of its in-flight send). May not touch: the glommio reactor's own ring,
 //! the read side of sockets, protocol encoding, or any other shard.
@@ -48,6 +48,18 @@
 //! task work of this ring would not interrupt the thread while it sleeps inside glommio's
 //! ring, and completions could sit unposted.
 //!
+//! Measured here (kernel 6.18, glommio 0.9): the read sits poll-armed in glommio's main ring
+//! (`/proc/self/fdinfo`: `op=22` in its `PollList`); an idle executor wakes ~0.1 ms after a
+//! CQE. But glommio polls its rings only when every task queue is idle or its preempt timer
+//! fires (default 100 ms): a task that keeps its queue busy (yielding with
+//! `yield_task_queue_now`/`yield_if_needed`, or `Latency::Matters` on the reaper's queue)
+//! delays reaping by up to that timer; `LocalExecutorBuilder::preempt_timer(1 ms)` bounds it
+//! to ~1 ms. Caveat: glommio 0.9.0 can park while a task queue is still runnable if it was
+//! preempted before running anything (`run_task_queues` returns `false` for both cases; see
+//! pull request #53 of the glommio/glommio repository); a shorter preempt timer made that hang
+//! frequent in our tests (busy yield loops + 1 ms timer: ~1 run in 20 stuck). Producers
+//! should be driven by I/O or timers, not by yield loops.
+//!
 //! # CQ sizing
 //! Each connection has at most one operation in flight (a parked send to a slow reader stays
 //! in flight), so the completion queue is sized to at least `conns_max` entries (kernel
@@ -59,7 +71,7 @@
 //! task looping `stream.write_all(buf.as_slice()).await` over its queue. That is the
 //! baseline to benchmark this sender against (syscalls per delivered message).
 //!
-//! SEND_ZC support is probed at start and reported in [`SenderStats::send_zc_supported`] but
+//! `SEND_ZC` support is probed at start and reported in [`SenderStats::send_zc_supported`] but
 //! not used: on loopback with small messages it measured slower than plain sends.
 
 use std::cell::{Cell, RefCell};
@@ -267,6 +279,9 @@ const GEN_MASK: u32 = 0x00FF_FFFF;
 /// past burst does not pin memory on a slot forever.
 const QUEUE_RETAINED_CAPACITY_MAX: usize = 1024;
 
+/// Wait before retrying a failed submit.
+const SUBMIT_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_micros(100);
+
 fn user_data(kind: u64, index: u32, gen: u32) -> u64 {
     (kind << 56) | (u64::from(gen & GEN_MASK) << 32) | u64::from(index)
 }
@@ -302,6 +317,8 @@ fn classify(errno: i32) -> Disposition {
     }
 }
 
+// Independent facts about one connection; an enum would multiply the states.
+#[allow(clippy::struct_excessive_bools)]
 struct Conn {
     gen: u32,
     in_use: bool,
@@ -513,17 +530,27 @@ impl State {
         }
     }
 
-    /// What a connection needs once it has nothing in flight.
+    /// What a connection needs once it has nothing in flight. A connection whose owner is
+    /// gone is freed, unless it is flushing its final buffer (`Closing`): that is still sent
+    /// (bounded by the owner's [`UringSender::abort`] timer), then the slot is freed.
     fn after_op(&mut self, index: u32) {
         let conn = &self.conns[index as usize];
-        if conn.owner_gone {
-            self.free_slot(index);
-        } else if conn.state != ConnState::Closed {
-            if !conn.queue.is_empty() || conn.want_pollout {
-                self.mark_dirty(index);
-            } else if conn.state == ConnState::Closing {
-                self.finish(index);
+        let owner_gone = conn.owner_gone;
+        match conn.state {
+            ConnState::Closed => {
+                if owner_gone {
+                    self.free_slot(index);
+                }
             }
+            ConnState::Open if owner_gone => self.free_slot(index),
+            _ if !conn.queue.is_empty() || conn.want_pollout => self.mark_dirty(index),
+            ConnState::Closing => {
+                self.finish(index);
+                if owner_gone {
+                    self.free_slot(index);
+                }
+            }
+            ConnState::Open => {}
         }
     }
 }
@@ -567,7 +594,7 @@ struct Inner {
     running: Cell<bool>,
 }
 
-/// One shard's batched io_uring sender. Cheap to clone (one `Rc`); `!Send`.
+/// One shard's batched `io_uring` sender. Cheap to clone (one `Rc`); `!Send`.
 #[derive(Clone)]
 pub struct UringSender {
     inner: Rc<Inner>,
@@ -641,18 +668,17 @@ impl UringSender {
             send_zc_supported,
             "io_uring sender ready"
         );
-        let stats = SenderStats { cq_entries: cq_actual, send_zc_supported, ..SenderStats::default() };
-        let state = State {
+        let slab = State {
             conns: Vec::with_capacity(cfg.conns_max),
             free: Vec::with_capacity(cfg.conns_max),
             dirty: Vec::with_capacity(cfg.conns_max),
             scratch: Vec::with_capacity(cfg.conns_max),
-            stats,
+            stats: SenderStats { cq_entries: cq_actual, send_zc_supported, ..SenderStats::default() },
         };
         Ok(UringSender {
             inner: Rc::new(Inner {
                 ring: RefCell::new(ring),
-                state: RefCell::new(state),
+                state: RefCell::new(slab),
                 flush_wake: Notify::default(),
                 eventfd,
                 cfg,
@@ -732,16 +758,55 @@ impl UringSender {
     /// The owner is gone: drop the queue (after the in-flight operation, if any, completes),
     /// close the dup and free the slot. With an operation in flight the socket is shut down
     /// so that a send parked on a slow reader completes now. Stale handles are ignored.
+    ///
+    /// A connection that is `Closing` (after [`enqueue_final`](UringSender::enqueue_final))
+    /// keeps flushing its queue first, so its last frame (ERROR, GOAWAY) still reaches the
+    /// peer; the owner bounds that with [`abort`](UringSender::abort).
     pub fn close(&self, slot: ConnSlot) {
+        let wake = {
+            let mut st = self.inner.state.borrow_mut();
+            let Some(conn) = st.conn(slot) else { return };
+            let flushing_final = conn.state == ConnState::Closing && !conn.queue.is_empty();
+            if conn.op == Op::Idle && !flushing_final {
+                st.free_slot(slot.index);
+                false
+            } else {
+                conn.owner_gone = true;
+                if !flushing_final {
+                    if let Some(fd) = &conn.fd {
+                        // SAFETY: fd is an open descriptor we own.
+                        unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+                    }
+                }
+                if conn.op == Op::Idle {
+                    st.mark_dirty(slot.index);
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if wake {
+            self.inner.flush_wake.notify();
+        }
+    }
+
+    /// Cuts a connection now: `shutdown(SHUT_RDWR)` on its socket, so a send parked on a peer
+    /// that does not read completes with an error and the connection is dropped (and freed,
+    /// if its owner already closed it). The reader of the same socket sees EOF. Stale handles
+    /// are ignored, so a delayed abort can never hit a later connection.
+    pub fn abort(&self, slot: ConnSlot) {
         let mut st = self.inner.state.borrow_mut();
         let Some(conn) = st.conn(slot) else { return };
+        if let Some(fd) = &conn.fd {
+            // SAFETY: fd is an open descriptor we own.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         if conn.op == Op::Idle {
-            st.free_slot(slot.index);
-        } else {
-            conn.owner_gone = true;
-            if let Some(fd) = &conn.fd {
-                // SAFETY: fd is an open descriptor we own.
-                unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            if conn.owner_gone {
+                st.free_slot(slot.index);
+            } else {
+                st.kill(slot.index);
             }
         }
     }
@@ -796,10 +861,17 @@ impl UringSender {
             if self.inner.stopping.get() {
                 return Ok(());
             }
+            // Reap what has completed before sending more. The CQ is shared memory, so this
+            // costs no syscall, and under load it is what keeps completions flowing: glommio
+            // only polls its own ring (where the eventfd read waits) when its task queues run
+            // dry or its preempt timer fires, which a busy shard may not do for up to 100 ms.
+            self.reap_completions();
             if self.flush_turn() {
-                // Something was deferred (submit failed): try again next turn.
+                // A submit failed (EAGAIN/EBUSY: the kernel is short of memory or has
+                // completions to post). Back off briefly on a timer rather than yielding:
+                // glommio 0.9 may park with a yielded task still runnable.
+                glommio::timer::sleep(SUBMIT_RETRY_BACKOFF).await;
                 self.inner.flush_wake.notify();
-                glommio::executor().yield_task_queue_now().await;
             }
         }
     }
@@ -813,10 +885,15 @@ impl UringSender {
             if self.inner.stopping.get() {
                 break Ok(());
             }
-            match file.read_at(0, 8).await {
+            match file.read_at(0, 8).await.map_err(io::Error::from) {
                 Ok(r) if r.len() == 8 => {}
                 Ok(r) => break Err(io::Error::other(format!("eventfd read returned {} B", r.len()))),
-                Err(e) => break Err(io::Error::from(e)),
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+                Err(e) => {
+                    // Without the reaper no completion is ever handled: say so loudly.
+                    tracing::error!(error = %e, "sender: reading the ring's eventfd failed; reaper stops");
+                    break Err(e);
+                }
             }
             self.inner.state.borrow_mut().stats.eventfd_wakeups_total += 1;
             self.reap();
@@ -828,8 +905,15 @@ impl UringSender {
     /// Drains the completion queue once. Returns nothing: it only changes connection states
     /// and wakes the flusher if some became dirty.
     fn reap(&self) {
+        if self.reap_completions() {
+            self.inner.flush_wake.notify();
+        }
+    }
+
+    /// Drains the completion queue once; true when some connection became dirty.
+    fn reap_completions(&self) -> bool {
         let inner = &*self.inner;
-        let wake = {
+        {
             let mut ring = inner.ring.borrow_mut();
             let mut st = inner.state.borrow_mut();
             let (submitter, sq, mut cq) = ring.split();
@@ -849,9 +933,6 @@ impl UringSender {
             st.stats.reap_turns_total += 1;
             st.stats.max_completions_per_reap = st.stats.max_completions_per_reap.max(n);
             !st.dirty.is_empty()
-        };
-        if wake {
-            inner.flush_wake.notify();
         }
     }
 
@@ -903,7 +984,11 @@ impl UringSender {
                 (e, Op::Send { bytes })
             } else {
                 if conn.state == ConnState::Closing {
+                    let owner_gone = conn.owner_gone;
                     st.finish(index);
+                    if owner_gone {
+                        st.free_slot(index);
+                    }
                 }
                 continue;
             };

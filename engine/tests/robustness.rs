@@ -105,25 +105,29 @@ fn malformed_truncated_oversize_and_out_of_order_frames_close_only_their_connect
 fn slow_consumer_is_disconnected_while_a_fast_one_gets_everything() {
     for shards in [1, 2] {
         let mut config = test_config(shards);
-        // The publisher reads its 3000 PUBACKs only after sending everything, so the frame
-        // limit must hold them; the slow subscriber trips the byte limit.
         config.limits.outbound_bytes_max = 2 << 20;
-        config.limits.outbound_frames_max = 4096;
-        config.limits.history_messages_max = 100_000;
+        config.limits.outbound_frames_max = 10_000;
+        config.limits.frame_body_bytes_max = 16 << 10;
+        config.limits.payload_bytes_max = 4096;
+        // A full replay must fit the outbound limit (the config refuses otherwise).
+        let history = 400u64;
+        config.limits.history_messages_max = history as u32;
+        // The slow reader only starts reading after the publisher is done; give it time to
+        // find the GOAWAY before the engine cuts the socket.
+        config.limits.slow_consumer_close_ms = 60_000;
         let engine = start(config);
         let addr = engine.data_addr();
 
         let mut slow = Raw::handshake(addr);
-        // A tiny receive buffer so the kernel cannot absorb the backlog for the slow reader.
-        let socket = socket2::SockRef::from(&slow.stream);
-        socket.set_recv_buffer_size(4096).unwrap();
         slow.subscribe("busy", ResumeFrom::Live);
         let mut fast = Raw::handshake(addr);
         fast.subscribe("busy", ResumeFrom::Live);
         let mut publisher = Raw::handshake(addr);
 
-        let total = 3000u64;
-        let payload = vec![7u8; 1000];
+        // More than the kernel can buffer for the slow socket (autotuned send and receive
+        // buffers, several MiB each) plus the outbound limit, so the limit must trip.
+        let total = 6000u64;
+        let payload = vec![7u8; 4000];
         // Pipeline the publishes, and read the fast subscriber concurrently.
         let fast_reader = std::thread::spawn(move || {
             let mut last = 0;
@@ -135,11 +139,15 @@ fn slow_consumer_is_disconnected_while_a_fast_one_gets_everything() {
             }
             fast
         });
-        for n in 0..total {
-            publisher.send(&Raw::publish_frame("busy", "alice", n + 1, &payload));
-        }
-        for _ in 0..total {
-            assert!(matches!(publisher.recv().frame, Frame::PubAck(_)));
+        // Publish in windows of 32, waiting for the PUBACKs: a rate any reader that reads can
+        // follow, while the slow one (which reads nothing) falls ever further behind.
+        for window in (0..total).collect::<Vec<_>>().chunks(32) {
+            for n in window {
+                publisher.send(&Raw::publish_frame("busy", "alice", n + 1, &payload));
+            }
+            for _ in window {
+                assert!(matches!(publisher.recv().frame, Frame::PubAck(_)));
+            }
         }
         let _fast = fast_reader.join().expect("fast subscriber thread");
 
@@ -151,13 +159,17 @@ fn slow_consumer_is_disconnected_while_a_fast_one_gets_everything() {
             Some(Frame::GoAway(goaway)) => assert_eq!(goaway.reason, GoAwayReason::SlowConsumer),
             other => panic!("expected GOAWAY(slow consumer) last, got {other:?}"),
         }
-        // It resumes from its last seq and loses nothing still in history.
+        // It resumes from its last seq and loses nothing still in history: the replay starts
+        // right after its last seq if history reaches back that far, else at the oldest kept
+        // message, and then says so (recovered = false).
         let last_seq = frames.iter().filter_map(|f| if let Frame::Deliver(d) = f { Some(d.seq) } else { None }).max().unwrap_or(0);
         let epoch = frames.iter().find_map(|f| if let Frame::Deliver(d) = f { Some(d.epoch) } else { None }).unwrap_or(0);
+        let oldest = total - history + 1;
         let mut resumed = Raw::handshake(addr);
         let subscribed = resumed.subscribe("busy", ResumeFrom::After { epoch, seq: last_seq });
-        assert!(subscribed.recovered);
-        for seq in last_seq + 1..=total {
+        assert_eq!(subscribed.recovered, last_seq + 1 >= oldest);
+        assert_eq!(subscribed.replay_from_seq, (last_seq + 1).max(oldest));
+        for seq in subscribed.replay_from_seq..=total {
             assert_eq!(resumed.deliver().seq, seq);
         }
         let (_, metrics) = common::http_get(engine.control_addr(), "/metrics");

@@ -1,0 +1,329 @@
+//! A tenant's agents: presence, connection, skills, capacity, current load and outstanding
+//! offers, and the set of agents able to take a new conversation right now.
+//!
+//! It owns the per-agent counters and keeps the "available" set exact after every change, so
+//! routing looks only at agents that can take work. It does not decide anything: offers,
+//! timers and re-routing are the desk's. Capacity is checked here, in one place: the desk is
+//! single-threaded (it lives on its tenant's shard), so a check and the reservation that follows
+//! it cannot be interleaved with another arrival — the race that lets Rocket.Chat assign past
+//! an agent's limit has no room to happen.
+
+use std::collections::{BTreeSet, HashMap};
+
+use switchboard_protocol::{AgentPresence, Text};
+
+use super::desk::CsTimerId;
+use super::error::DeskError;
+
+/// A desk-local handle for an agent: its index in the table (agents are never removed, so a
+/// key stays valid for the desk's life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentKey(pub u32);
+
+/// One agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    id: Text,
+    presence: AgentPresence,
+    connected: bool,
+    capacity: u16,
+    load: u16,
+    reserved: u16,
+    skills: Vec<Text>,
+    /// Conversations offered or assigned to it (at most `capacity` + a lowered capacity's
+    /// leftovers; small, so a vector).
+    sessions: Vec<Text>,
+    grace_timer: Option<CsTimerId>,
+    /// When it was last offered something (desk offer counter), to break least-load ties
+    /// in favour of whoever waited longest for work.
+    last_offer_seq: u64,
+}
+
+impl Agent {
+    /// The agent's id.
+    pub fn id(&self) -> &Text {
+        &self.id
+    }
+
+    /// Presence as the agent last set it (or Offline after a lost connection's grace period).
+    pub fn presence(&self) -> AgentPresence {
+        self.presence
+    }
+
+    /// False between a lost connection and reconnection (or the end of the grace period).
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Most concurrent conversations.
+    pub fn capacity(&self) -> u16 {
+        self.capacity
+    }
+
+    /// Conversations assigned (active).
+    pub fn load(&self) -> u16 {
+        self.load
+    }
+
+    /// Offers outstanding: each holds a slot until accepted, declined or timed out.
+    pub fn reserved(&self) -> u16 {
+        self.reserved
+    }
+
+    /// Capacity left for new offers.
+    pub fn spare(&self) -> u16 {
+        self.capacity.saturating_sub(self.load.saturating_add(self.reserved))
+    }
+
+    /// Skills, sorted and without duplicates.
+    pub fn skills(&self) -> &[Text] {
+        &self.skills
+    }
+
+    /// True when it has every skill in `required` (sorted, deduplicated).
+    pub fn has_skills(&self, required: &[Text]) -> bool {
+        has_all(&self.skills, required)
+    }
+
+    /// The conversations offered or assigned to it.
+    pub fn sessions(&self) -> &[Text] {
+        &self.sessions
+    }
+
+    /// When it was last offered a conversation (a desk-wide counter; 0 = never).
+    pub fn last_offer_seq(&self) -> u64 {
+        self.last_offer_seq
+    }
+
+    /// Online, connected and with spare capacity: routing may offer it a conversation.
+    pub fn is_available(&self) -> bool {
+        self.presence == AgentPresence::Online && self.connected && self.spare() > 0
+    }
+
+    /// Counts toward a queue's serving capacity (for the wait estimate).
+    pub fn is_serving(&self) -> bool {
+        self.presence == AgentPresence::Online && self.connected
+    }
+
+    pub(crate) fn grace_timer(&self) -> Option<CsTimerId> {
+        self.grace_timer
+    }
+}
+
+/// True when sorted `have` contains every element of sorted `need`.
+pub fn has_all(have: &[Text], need: &[Text]) -> bool {
+    let mut have = have.iter();
+    'need: for wanted in need {
+        for candidate in have.by_ref() {
+            match candidate.cmp(wanted) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => continue 'need,
+                std::cmp::Ordering::Greater => return false,
+            }
+        }
+        return false;
+    }
+    true
+}
+
+/// Every agent of a tenant, by key and by id.
+#[derive(Debug)]
+pub struct AgentTable {
+    agents: Vec<Agent>,
+    by_id: HashMap<Text, AgentKey>,
+    /// Exactly the agents for which [`Agent::is_available`] holds, in key order (routing
+    /// iterates it deterministically).
+    available: BTreeSet<AgentKey>,
+    agents_max: usize,
+}
+
+impl AgentTable {
+    /// An empty table for at most `agents_max` agents.
+    pub fn new(agents_max: usize) -> AgentTable {
+        AgentTable { agents: Vec::new(), by_id: HashMap::new(), available: BTreeSet::new(), agents_max }
+    }
+
+    /// Agents known.
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// True when no agent is known.
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// The agent with this key.
+    pub fn get(&self, key: AgentKey) -> Option<&Agent> {
+        self.agents.get(key.0 as usize)
+    }
+
+    /// The key of the agent with this id.
+    pub fn key_of(&self, id: &Text) -> Option<AgentKey> {
+        self.by_id.get(id).copied()
+    }
+
+    /// Every agent, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (AgentKey, &Agent)> {
+        self.agents.iter().enumerate().map(|(index, agent)| (AgentKey(index as u32), agent))
+    }
+
+    /// The agents that can take a conversation now, in key order.
+    pub fn available(&self) -> impl Iterator<Item = AgentKey> + '_ {
+        self.available.iter().copied()
+    }
+
+    /// How many agents can take a conversation now.
+    pub fn available_len(&self) -> usize {
+        self.available.len()
+    }
+
+    /// Adds an agent (offline, disconnected, no capacity) or refuses past `agents_max`.
+    pub(crate) fn insert(&mut self, id: &Text) -> Result<AgentKey, DeskError> {
+        if let Some(key) = self.key_of(id) {
+            return Ok(key);
+        }
+        if self.agents.len() >= self.agents_max {
+            return Err(DeskError::LimitExceeded { limit: "agents_max", max: self.agents_max });
+        }
+        let key = AgentKey(self.agents.len() as u32);
+        self.agents.push(Agent {
+            id: id.clone(),
+            presence: AgentPresence::Offline,
+            connected: false,
+            capacity: 0,
+            load: 0,
+            reserved: 0,
+            skills: Vec::new(),
+            sessions: Vec::new(),
+            grace_timer: None,
+            last_offer_seq: 0,
+        });
+        self.by_id.insert(id.clone(), key);
+        Ok(key)
+    }
+
+    /// True when a new agent could be added.
+    pub(crate) fn has_room(&self) -> bool {
+        self.agents.len() < self.agents_max
+    }
+
+    fn refresh(&mut self, key: AgentKey) {
+        if self.agents[key.0 as usize].is_available() {
+            self.available.insert(key);
+        } else {
+            self.available.remove(&key);
+        }
+    }
+
+    /// Sets what the agent reports about itself; it is connected (the report came from it).
+    pub(crate) fn set_status(&mut self, key: AgentKey, presence: AgentPresence, capacity: u16, skills: Vec<Text>) {
+        let agent = &mut self.agents[key.0 as usize];
+        agent.presence = presence;
+        agent.capacity = capacity;
+        agent.skills = skills;
+        agent.connected = true;
+        self.refresh(key);
+    }
+
+    pub(crate) fn set_connected(&mut self, key: AgentKey, connected: bool) {
+        self.agents[key.0 as usize].connected = connected;
+        self.refresh(key);
+    }
+
+    pub(crate) fn set_presence(&mut self, key: AgentKey, presence: AgentPresence) {
+        self.agents[key.0 as usize].presence = presence;
+        self.refresh(key);
+    }
+
+    pub(crate) fn set_grace_timer(&mut self, key: AgentKey, timer: Option<CsTimerId>) -> Option<CsTimerId> {
+        std::mem::replace(&mut self.agents[key.0 as usize].grace_timer, timer)
+    }
+
+    /// Takes one slot for an offer of `session`; false (and nothing changes) when the agent is
+    /// not available. The only way a slot is taken, so capacity is never exceeded by routing.
+    pub(crate) fn reserve(&mut self, key: AgentKey, session: &Text, offer_seq: u64) -> bool {
+        let Some(agent) = self.agents.get_mut(key.0 as usize) else { return false };
+        if !agent.is_available() {
+            return false;
+        }
+        agent.reserved += 1;
+        agent.last_offer_seq = offer_seq;
+        agent.sessions.push(session.clone());
+        self.refresh(key);
+        true
+    }
+
+    /// Gives an offer's slot back (decline, timeout, withdrawn).
+    pub(crate) fn release_offer(&mut self, key: AgentKey, session: &Text) {
+        let agent = &mut self.agents[key.0 as usize];
+        agent.reserved = agent.reserved.saturating_sub(1);
+        agent.sessions.retain(|s| s != session);
+        self.refresh(key);
+    }
+
+    /// Turns an offer's slot into an assignment (accept).
+    pub(crate) fn assign(&mut self, key: AgentKey) {
+        let agent = &mut self.agents[key.0 as usize];
+        agent.reserved = agent.reserved.saturating_sub(1);
+        agent.load = agent.load.saturating_add(1);
+        self.refresh(key);
+    }
+
+    /// Frees an assignment's slot (close, transfer away, agent lost).
+    pub(crate) fn unassign(&mut self, key: AgentKey, session: &Text) {
+        let agent = &mut self.agents[key.0 as usize];
+        agent.load = agent.load.saturating_sub(1);
+        agent.sessions.retain(|s| s != session);
+        self.refresh(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn skills(names: &[&str]) -> Vec<Text> {
+        names.iter().map(|s| Text::from(*s)).collect()
+    }
+
+    #[test]
+    fn has_all_on_sorted_lists() {
+        assert!(has_all(&skills(&["a", "b", "c"]), &skills(&["a", "c"])));
+        assert!(has_all(&skills(&["a"]), &[]));
+        assert!(!has_all(&skills(&["a", "c"]), &skills(&["b"])));
+        assert!(!has_all(&[], &skills(&["a"])));
+        assert!(!has_all(&skills(&["a", "b"]), &skills(&["b", "z"])));
+    }
+
+    #[test]
+    fn reservations_never_pass_capacity() {
+        let mut table = AgentTable::new(4);
+        let key = table.insert(&Text::from("ann")).unwrap();
+        table.set_status(key, AgentPresence::Online, 2, Vec::new());
+        assert!(table.reserve(key, &Text::from("s1"), 1));
+        assert!(table.reserve(key, &Text::from("s2"), 2));
+        assert!(!table.reserve(key, &Text::from("s3"), 3), "third offer past capacity 2");
+        assert_eq!(table.available_len(), 0);
+        table.assign(key);
+        assert_eq!((table.get(key).unwrap().load(), table.get(key).unwrap().reserved()), (1, 1));
+        table.unassign(key, &Text::from("s1"));
+        assert_eq!(table.available().collect::<Vec<_>>(), vec![key]);
+        assert_eq!(table.get(key).unwrap().sessions(), &[Text::from("s2")]);
+    }
+
+    #[test]
+    fn availability_needs_online_connected_and_spare() {
+        let mut table = AgentTable::new(1);
+        let key = table.insert(&Text::from("bo")).unwrap();
+        assert_eq!(table.available_len(), 0);
+        table.set_status(key, AgentPresence::Away, 3, Vec::new());
+        assert_eq!(table.available_len(), 0);
+        table.set_presence(key, AgentPresence::Online);
+        assert_eq!(table.available_len(), 1);
+        table.set_connected(key, false);
+        assert_eq!(table.available_len(), 0);
+        assert!(!table.reserve(key, &Text::from("s"), 1));
+        assert_eq!(table.insert(&Text::from("cy")), Err(DeskError::LimitExceeded { limit: "agents_max", max: 1 }));
+    }
+}

@@ -1,0 +1,545 @@
+//! Routing: which available agent gets a conversation, chosen per tenant among strategies
+//! behind one trait, and A/B experiments that split new conversations across strategies.
+//!
+//! It owns the choice and the strategies' own state (round-robin counters); it never changes an
+//! agent or a conversation. The desk first narrows the agents to the *candidates* (online,
+//! connected, spare capacity, the queue's skills, not having declined this conversation, and
+//! [`RoutingStrategy::eligible`]), then asks [`RoutingStrategy::pick`] for one of them.
+//!
+//! The contract every strategy keeps, so that "the longest-waiting eligible conversation is
+//! offered first" holds: `pick` returns one of the candidates whenever there is any. Who may be
+//! chosen is the business of `eligible`, not of `pick`.
+
+use std::collections::HashMap;
+
+use switchboard_protocol::Text;
+
+use super::agents::{Agent, AgentKey, AgentTable};
+
+/// What a strategy knows about the conversation being routed.
+#[derive(Debug, Clone, Copy)]
+pub struct ConversationInfo<'a> {
+    /// The conversation's session id.
+    pub session: &'a Text,
+    /// The customer.
+    pub customer: &'a Text,
+    /// 0 (lowest) to 255.
+    pub priority: u8,
+    /// Skills asked for, sorted.
+    pub skills: &'a [Text],
+    /// The queue it waits in.
+    pub queue: &'a Text,
+    /// The agent who last served this customer, if the desk remembers one.
+    pub last_agent: Option<AgentKey>,
+}
+
+/// The candidates for one conversation, over the tenant's agent table.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentsView<'a> {
+    table: &'a AgentTable,
+    /// Sorted by key.
+    candidates: &'a [AgentKey],
+}
+
+impl<'a> AgentsView<'a> {
+    /// A view of `candidates` (sorted by key, all present in `table`).
+    pub fn new(table: &'a AgentTable, candidates: &'a [AgentKey]) -> AgentsView<'a> {
+        AgentsView { table, candidates }
+    }
+
+    /// The candidates, in key order.
+    pub fn candidates(&self) -> impl Iterator<Item = (AgentKey, &'a Agent)> + '_ {
+        self.candidates.iter().filter_map(|&key| self.table.get(key).map(|agent| (key, agent)))
+    }
+
+    /// True when `key` is a candidate.
+    pub fn is_candidate(&self, key: AgentKey) -> bool {
+        self.candidates.binary_search(&key).is_ok()
+    }
+
+    /// How many candidates there are.
+    pub fn len(&self) -> usize {
+        self.candidates.len()
+    }
+
+    /// True when there is none.
+    pub fn is_empty(&self) -> bool {
+        self.candidates.is_empty()
+    }
+
+    /// Any agent of the table (candidate or not).
+    pub fn agent(&self, key: AgentKey) -> Option<&'a Agent> {
+        self.table.get(key)
+    }
+}
+
+/// A routing strategy. See the module comment for the contract.
+pub trait RoutingStrategy: std::fmt::Debug {
+    /// A short name for metrics and logs.
+    fn name(&self) -> &'static str;
+
+    /// May `agent` take `conv` under this strategy? (On top of the desk's own checks.)
+    fn eligible(&self, _conv: &ConversationInfo<'_>, _key: AgentKey, _agent: &Agent) -> bool {
+        true
+    }
+
+    /// One of the candidates, or `None` only when there is none.
+    fn pick(&mut self, conv: &ConversationInfo<'_>, agents: &AgentsView<'_>, now_ms: u64) -> Option<AgentKey>;
+
+    /// False when new conversations get the offline outcome at `now_ms` (business hours).
+    fn open_at(&self, _now_ms: u64) -> bool {
+        true
+    }
+}
+
+/// The candidate with the most spare capacity; ties go to the one offered work least recently,
+/// then to the lowest key.
+pub(crate) fn least_load(agents: &AgentsView<'_>) -> Option<AgentKey> {
+    agents
+        .candidates()
+        .min_by_key(|(key, agent)| (std::cmp::Reverse(agent.spare()), agent.last_offer_seq(), *key))
+        .map(|(key, _)| key)
+}
+
+/// Most spare capacity first.
+#[derive(Debug, Default)]
+pub struct LeastLoad;
+
+impl RoutingStrategy for LeastLoad {
+    fn name(&self) -> &'static str {
+        "least_load"
+    }
+    fn pick(&mut self, _conv: &ConversationInfo<'_>, agents: &AgentsView<'_>, _now_ms: u64) -> Option<AgentKey> {
+        least_load(agents)
+    }
+}
+
+/// Only agents with every skill the conversation asks for, then least load.
+#[derive(Debug, Default)]
+pub struct SkillBased;
+
+impl RoutingStrategy for SkillBased {
+    fn name(&self) -> &'static str {
+        "skill_based"
+    }
+    fn eligible(&self, conv: &ConversationInfo<'_>, _key: AgentKey, agent: &Agent) -> bool {
+        agent.has_skills(conv.skills)
+    }
+    fn pick(&mut self, _conv: &ConversationInfo<'_>, agents: &AgentsView<'_>, _now_ms: u64) -> Option<AgentKey> {
+        least_load(agents)
+    }
+}
+
+/// Smooth weighted round-robin (nginx's): each pick adds every candidate's weight to its
+/// current value, takes the largest, and subtracts the total from the one taken. Over time each
+/// agent gets its weight's share, interleaved rather than in bursts. Agents absent from the
+/// weights get `default_weight`; weight 0 means never.
+#[derive(Debug)]
+pub struct WeightedRoundRobin {
+    weights: HashMap<Text, u32>,
+    default_weight: u32,
+    /// Current value per agent key.
+    current: Vec<i64>,
+}
+
+impl WeightedRoundRobin {
+    /// A strategy with these weights.
+    pub fn new(weights: &[(Text, u32)], default_weight: u32) -> WeightedRoundRobin {
+        WeightedRoundRobin { weights: weights.iter().cloned().collect(), default_weight, current: Vec::new() }
+    }
+
+    fn weight(&self, agent: &Agent) -> u32 {
+        self.weights.get(agent.id()).copied().unwrap_or(self.default_weight)
+    }
+}
+
+impl RoutingStrategy for WeightedRoundRobin {
+    fn name(&self) -> &'static str {
+        "weighted_round_robin"
+    }
+    fn eligible(&self, _conv: &ConversationInfo<'_>, _key: AgentKey, agent: &Agent) -> bool {
+        self.weight(agent) > 0
+    }
+    fn pick(&mut self, _conv: &ConversationInfo<'_>, agents: &AgentsView<'_>, _now_ms: u64) -> Option<AgentKey> {
+        let mut total = 0i64;
+        let mut best: Option<AgentKey> = None;
+        for (key, agent) in agents.candidates() {
+            let weight = i64::from(self.weight(agent));
+            if weight == 0 {
+                continue;
+            }
+            let index = key.0 as usize;
+            if self.current.len() <= index {
+                self.current.resize(index + 1, 0);
+            }
+            self.current[index] += weight;
+            total += weight;
+            if best.is_none_or(|b| self.current[index] > self.current[b.0 as usize]) {
+                best = Some(key);
+            }
+        }
+        if let Some(key) = best {
+            self.current[key.0 as usize] -= total;
+        }
+        best
+    }
+}
+
+/// The agent who last served this customer when it is a candidate; otherwise the fallback.
+#[derive(Debug)]
+pub struct Affinity {
+    fallback: Box<dyn RoutingStrategy>,
+}
+
+impl Affinity {
+    /// Affinity over `fallback`.
+    pub fn new(fallback: Box<dyn RoutingStrategy>) -> Affinity {
+        Affinity { fallback }
+    }
+}
+
+impl RoutingStrategy for Affinity {
+    fn name(&self) -> &'static str {
+        "affinity"
+    }
+    fn eligible(&self, conv: &ConversationInfo<'_>, key: AgentKey, agent: &Agent) -> bool {
+        conv.last_agent == Some(key) || self.fallback.eligible(conv, key, agent)
+    }
+    fn pick(&mut self, conv: &ConversationInfo<'_>, agents: &AgentsView<'_>, now_ms: u64) -> Option<AgentKey> {
+        match conv.last_agent {
+            Some(last) if agents.is_candidate(last) => Some(last),
+            _ => self.fallback.pick(conv, agents, now_ms),
+        }
+    }
+    fn open_at(&self, now_ms: u64) -> bool {
+        self.fallback.open_at(now_ms)
+    }
+}
+
+/// One opening range: `weekday` (0 = Monday … 6 = Sunday), minutes since local midnight,
+/// `start_minute` included, `end_minute` excluded. A range past midnight is written as two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenRange {
+    /// 0 = Monday … 6 = Sunday.
+    pub weekday: u8,
+    /// First open minute of the day, 0..1440.
+    pub start_minute: u16,
+    /// First closed minute after it, start_minute+1..=1440.
+    pub end_minute: u16,
+}
+
+/// Opening hours in a fixed UTC offset (no daylight-saving rules: the control plane updates
+/// the offset when the tenant's clocks change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusinessHours {
+    /// Local time minus UTC, in minutes (−720..=840).
+    pub utc_offset_minutes: i32,
+    /// When it is open.
+    pub open: Vec<OpenRange>,
+}
+
+impl BusinessHours {
+    /// Checks ranges and offset.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(-720..=840).contains(&self.utc_offset_minutes) {
+            return Err(format!("utc_offset_minutes {} outside -720..=840", self.utc_offset_minutes));
+        }
+        for range in &self.open {
+            if range.weekday > 6 || range.start_minute >= range.end_minute || range.end_minute > 1440 {
+                return Err(format!("bad opening range {range:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when open at `now_ms` (Unix time in milliseconds).
+    pub fn is_open(&self, now_ms: u64) -> bool {
+        let local_minutes = (now_ms / 60_000) as i64 + i64::from(self.utc_offset_minutes);
+        let day = local_minutes.div_euclid(1440);
+        let minute = local_minutes.rem_euclid(1440) as u16;
+        // 1970-01-01 was a Thursday (weekday 3 counting from Monday = 0).
+        let weekday = (day + 3).rem_euclid(7) as u8;
+        self.open.iter().any(|r| r.weekday == weekday && r.start_minute <= minute && minute < r.end_minute)
+    }
+}
+
+/// Out of hours → the offline outcome for new conversations; in hours → `inner`.
+#[derive(Debug)]
+pub struct BusinessHoursGate {
+    hours: BusinessHours,
+    inner: Box<dyn RoutingStrategy>,
+}
+
+impl BusinessHoursGate {
+    /// `inner`, gated by `hours`.
+    pub fn new(hours: BusinessHours, inner: Box<dyn RoutingStrategy>) -> BusinessHoursGate {
+        BusinessHoursGate { hours, inner }
+    }
+}
+
+impl RoutingStrategy for BusinessHoursGate {
+    fn name(&self) -> &'static str {
+        "business_hours"
+    }
+    fn eligible(&self, conv: &ConversationInfo<'_>, key: AgentKey, agent: &Agent) -> bool {
+        self.inner.eligible(conv, key, agent)
+    }
+    fn pick(&mut self, conv: &ConversationInfo<'_>, agents: &AgentsView<'_>, now_ms: u64) -> Option<AgentKey> {
+        self.inner.pick(conv, agents, now_ms)
+    }
+    fn open_at(&self, now_ms: u64) -> bool {
+        self.hours.is_open(now_ms) && self.inner.open_at(now_ms)
+    }
+}
+
+/// Deepest nesting of wrapping strategies (affinity over business hours over …).
+pub const STRATEGY_DEPTH_MAX: usize = 4;
+
+/// A strategy as configured (what the control plane sends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StrategyConfig {
+    /// [`LeastLoad`].
+    LeastLoad,
+    /// [`WeightedRoundRobin`].
+    WeightedRoundRobin {
+        /// Weight per agent id.
+        weights: Vec<(Text, u32)>,
+        /// Weight of agents not listed.
+        default_weight: u32,
+    },
+    /// [`SkillBased`].
+    SkillBased,
+    /// [`Affinity`].
+    Affinity {
+        /// Used when the last agent is not a candidate.
+        fallback: Box<StrategyConfig>,
+    },
+    /// [`BusinessHoursGate`].
+    BusinessHours {
+        /// When open.
+        hours: BusinessHours,
+        /// Routing while open.
+        inner: Box<StrategyConfig>,
+    },
+}
+
+impl StrategyConfig {
+    /// Checks nesting, weights and hours; `agents_max` bounds the weight list.
+    pub fn validate(&self, agents_max: usize) -> Result<(), String> {
+        self.validate_at(agents_max, 1)
+    }
+
+    fn validate_at(&self, agents_max: usize, depth: usize) -> Result<(), String> {
+        if depth > STRATEGY_DEPTH_MAX {
+            return Err(format!("strategies nested deeper than {STRATEGY_DEPTH_MAX}"));
+        }
+        match self {
+            StrategyConfig::LeastLoad | StrategyConfig::SkillBased => Ok(()),
+            StrategyConfig::WeightedRoundRobin { weights, default_weight } => {
+                if weights.len() > agents_max {
+                    return Err(format!("{} weights for at most {agents_max} agents", weights.len()));
+                }
+                if *default_weight == 0 && weights.iter().all(|(_, w)| *w == 0) {
+                    return Err("every weight is 0: nobody could be picked".into());
+                }
+                Ok(())
+            }
+            StrategyConfig::Affinity { fallback } => fallback.validate_at(agents_max, depth + 1),
+            StrategyConfig::BusinessHours { hours, inner } => {
+                hours.validate()?;
+                inner.validate_at(agents_max, depth + 1)
+            }
+        }
+    }
+
+    /// A fresh strategy (round-robin state starts at zero).
+    pub fn build(&self) -> Box<dyn RoutingStrategy> {
+        match self {
+            StrategyConfig::LeastLoad => Box::new(LeastLoad),
+            StrategyConfig::SkillBased => Box::new(SkillBased),
+            StrategyConfig::WeightedRoundRobin { weights, default_weight } => {
+                Box::new(WeightedRoundRobin::new(weights, *default_weight))
+            }
+            StrategyConfig::Affinity { fallback } => Box::new(Affinity::new(fallback.build())),
+            StrategyConfig::BusinessHours { hours, inner } => Box::new(BusinessHoursGate::new(hours.clone(), inner.build())),
+        }
+    }
+}
+
+/// One arm of an A/B experiment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Variant {
+    /// The group tag carried on the conversation and its events.
+    pub group: Text,
+    /// Relative share of new conversations.
+    pub weight: u32,
+    /// How its conversations are routed.
+    pub strategy: StrategyConfig,
+}
+
+/// A stable 64-bit hash (FNV-1a, then the murmur3 finaliser so that ids differing only in
+/// their last bytes spread over the low bits). Stable across processes and versions: a
+/// conversation's A/B group must not change on restart.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in bytes {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^ (hash >> 33)
+}
+
+/// The variant index a session falls in, for these weights (`None` when they sum to 0).
+pub fn variant_for(session: &str, weights: impl Iterator<Item = u32> + Clone) -> Option<usize> {
+    let total: u64 = weights.clone().map(u64::from).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = stable_hash(session.as_bytes()) % total;
+    for (index, weight) in weights.enumerate() {
+        if point < u64::from(weight) {
+            return Some(index);
+        }
+        point -= u64::from(weight);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard_protocol::AgentPresence;
+
+    use super::*;
+
+    fn table(agents: &[(&str, u16, &[&str])]) -> (AgentTable, Vec<AgentKey>) {
+        let mut table = AgentTable::new(64);
+        let mut keys = Vec::new();
+        for (id, capacity, skills) in agents {
+            let key = table.insert(&Text::from(*id)).unwrap();
+            let skills: Vec<Text> = skills.iter().map(|s| Text::from(*s)).collect();
+            table.set_status(key, AgentPresence::Online, *capacity, skills);
+            keys.push(key);
+        }
+        (table, keys)
+    }
+
+    fn conv<'a>(session: &'a Text, skills: &'a [Text], last_agent: Option<AgentKey>) -> ConversationInfo<'a> {
+        ConversationInfo { session, customer: session, priority: 0, skills, queue: session, last_agent }
+    }
+
+    #[test]
+    fn least_load_prefers_spare_then_longest_idle() {
+        let (mut table, keys) = table(&[("a", 2, &[]), ("b", 3, &[]), ("c", 3, &[])]);
+        let s = Text::from("s");
+        let info = conv(&s, &[], None);
+        assert_eq!(LeastLoad.pick(&info, &AgentsView::new(&table, &keys), 0), Some(keys[1]));
+        table.reserve(keys[1], &s, 1);
+        // b and c tie on nothing now: c has 3 spare, b 2.
+        assert_eq!(LeastLoad.pick(&info, &AgentsView::new(&table, &keys), 0), Some(keys[2]));
+        table.reserve(keys[2], &s, 2);
+        // All have 2 spare: a was never offered anything.
+        assert_eq!(LeastLoad.pick(&info, &AgentsView::new(&table, &keys), 0), Some(keys[0]));
+        assert_eq!(LeastLoad.pick(&info, &AgentsView::new(&table, &[]), 0), None);
+    }
+
+    #[test]
+    fn smooth_wrr_matches_nginx_sequence() {
+        let (table, keys) = table(&[("a", 9, &[]), ("b", 9, &[]), ("c", 9, &[])]);
+        let weights = [(Text::from("a"), 5), (Text::from("b"), 1), (Text::from("c"), 1)];
+        let mut wrr = WeightedRoundRobin::new(&weights, 1);
+        let s = Text::from("s");
+        let info = conv(&s, &[], None);
+        let view = AgentsView::new(&table, &keys);
+        let picks: String = (0..7)
+            .map(|_| table.get(wrr.pick(&info, &view, 0).unwrap()).unwrap().id().to_string())
+            .collect();
+        // nginx's documented sequence for weights {5, 1, 1}.
+        assert_eq!(picks, "aabacaa");
+    }
+
+    #[test]
+    fn wrr_zero_weight_is_not_eligible() {
+        let (table, keys) = table(&[("a", 1, &[]), ("b", 1, &[])]);
+        let wrr = WeightedRoundRobin::new(&[(Text::from("a"), 0)], 2);
+        let s = Text::from("s");
+        let info = conv(&s, &[], None);
+        assert!(!wrr.eligible(&info, keys[0], table.get(keys[0]).unwrap()));
+        assert!(wrr.eligible(&info, keys[1], table.get(keys[1]).unwrap()));
+    }
+
+    #[test]
+    fn skill_based_filters_then_least_load() {
+        let (table, keys) = table(&[("a", 5, &["billing"]), ("b", 1, &["billing", "fr"]), ("c", 9, &["fr"])]);
+        let s = Text::from("s");
+        let skills = [Text::from("billing"), Text::from("fr")];
+        let info = conv(&s, &skills, None);
+        let eligible: Vec<AgentKey> =
+            keys.iter().copied().filter(|&k| SkillBased.eligible(&info, k, table.get(k).unwrap())).collect();
+        assert_eq!(eligible, vec![keys[1]]);
+        assert_eq!(SkillBased.pick(&info, &AgentsView::new(&table, &eligible), 0), Some(keys[1]));
+    }
+
+    #[test]
+    fn affinity_returns_to_the_last_agent_when_possible() {
+        let (table, keys) = table(&[("a", 9, &[]), ("b", 1, &[])]);
+        let s = Text::from("s");
+        let mut affinity = Affinity::new(Box::new(LeastLoad));
+        let info = conv(&s, &[], Some(keys[1]));
+        assert_eq!(affinity.pick(&info, &AgentsView::new(&table, &keys), 0), Some(keys[1]));
+        assert_eq!(affinity.pick(&info, &AgentsView::new(&table, &keys[..1]), 0), Some(keys[0]));
+    }
+
+    #[test]
+    fn business_hours_in_a_fixed_offset() {
+        // Mon–Fri 09:00–17:00 at UTC+02:00.
+        let hours = BusinessHours {
+            utc_offset_minutes: 120,
+            open: (0..5).map(|weekday| OpenRange { weekday, start_minute: 540, end_minute: 1020 }).collect(),
+        };
+        hours.validate().unwrap();
+        // 2024-01-01 was a Monday; 07:00 UTC = 09:00 local.
+        let monday_0700_utc = 1_704_092_400_000u64;
+        assert!(hours.is_open(monday_0700_utc));
+        assert!(!hours.is_open(monday_0700_utc - 1));
+        assert!(hours.is_open(monday_0700_utc + 8 * 3_600_000 - 1));
+        assert!(!hours.is_open(monday_0700_utc + 8 * 3_600_000));
+        assert!(!hours.is_open(monday_0700_utc + 5 * 86_400_000), "Saturday");
+        let gate = BusinessHoursGate::new(hours, Box::new(LeastLoad));
+        assert!(!gate.open_at(monday_0700_utc - 1));
+        let bad = BusinessHours { utc_offset_minutes: 0, open: vec![OpenRange { weekday: 7, start_minute: 0, end_minute: 1 }] };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn variants_split_by_weight_and_are_stable() {
+        let weights = [70u32, 20, 10];
+        let mut counts = [0u32; 3];
+        for n in 0..100_000 {
+            counts[variant_for(&format!("conv-{n}"), weights.iter().copied()).unwrap()] += 1;
+        }
+        for (count, weight) in counts.iter().zip(weights) {
+            let share = f64::from(*count) / 100_000.0;
+            assert!((share - f64::from(weight) / 100.0).abs() < 0.01, "{counts:?}");
+        }
+        assert_eq!(variant_for("x", [0u32, 0].into_iter()), None);
+        // Pinned: the group of a conversation must survive restarts and upgrades.
+        assert_eq!(stable_hash(b""), 0xefd01f60ba992926, "stable_hash changed: A/B groups would move");
+        assert_eq!(stable_hash(b"conv-1"), 0x3b76c2cb91b6a2d7, "stable_hash changed: A/B groups would move");
+    }
+
+    #[test]
+    fn config_validation() {
+        let mut deep = StrategyConfig::LeastLoad;
+        for _ in 0..STRATEGY_DEPTH_MAX {
+            deep = StrategyConfig::Affinity { fallback: Box::new(deep) };
+        }
+        assert!(deep.validate(10).is_err());
+        let zero = StrategyConfig::WeightedRoundRobin { weights: vec![], default_weight: 0 };
+        assert!(zero.validate(10).is_err());
+        assert_eq!(StrategyConfig::SkillBased.build().name(), "skill_based");
+    }
+}
