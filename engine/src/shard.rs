@@ -78,11 +78,33 @@ pub(crate) struct ConnEntry {
     last_read_raw: u64,
 }
 
+/// Connection ids are handed out by this shard in sequence, never by a peer, so hashing them
+/// needs no flooding resistance: a multiply spreads them over the table.
+#[derive(Default)]
+struct ConnIdHasher(u64);
+
+impl std::hash::Hasher for ConnIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type ConnMap<V> = HashMap<ConnId, V, std::hash::BuildHasherDefault<ConnIdHasher>>;
+
+/// Session keys come from the network, so their maps keep std's randomly keyed SipHash.
 #[derive(Default)]
 struct ShardState {
     sessions: HashMap<SessionKey, OwnedSession>,
     local: HashMap<SessionKey, LocalSubscribers>,
-    conns: HashMap<ConnId, ConnEntry>,
+    conns: ConnMap<ConnEntry>,
 }
 
 /// Counters of one shard (single-threaded; read by the control thread through a snapshot).
@@ -135,6 +157,7 @@ pub struct Shard {
     latency_ns: RefCell<Histogram<u64>>,
     clock: quanta::Clock,
     next_conn: Cell<u64>,
+    fanout_scratch: RefCell<Vec<ConnId>>,
     /// This shard, for tasks it spawns (they must not outlive it).
     me: Weak<Shard>,
     /// Fires when the shard must stop.
@@ -197,6 +220,7 @@ impl Shard {
             latency_ns: RefCell::new(Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("static histogram bounds are valid")),
             clock,
             next_conn: Cell::new(1),
+            fanout_scratch: RefCell::new(Vec::new()),
             shutdown: Rc::new(Latch::default()),
         })
     }
@@ -646,16 +670,21 @@ impl Shard {
     }
 
     fn local_fanout(&self, key: &SessionKey, out: &OutBuf, ingress_raw: u64) {
-        let conns: Vec<ConnId> = match self.state.borrow().local.get(key) {
-            Some(local) => local.conns.clone(),
+        // The subscriber list is copied into a reused buffer (no allocation per message)
+        // because sending may evict a slow consumer, which changes the state being iterated.
+        let mut conns = self.fanout_scratch.take();
+        match self.state.borrow().local.get(key) {
+            Some(local) => conns.extend_from_slice(&local.conns),
             None => return,
-        };
+        }
         let mut delivered = 0;
-        for conn in conns {
+        for &conn in &conns {
             if self.send_buf(conn, out.clone()) {
                 delivered += 1;
             }
         }
+        conns.clear();
+        self.fanout_scratch.replace(conns);
         let bytes = out.as_slice().len() as u64;
         self.count(|c| {
             c.deliveries_total += delivered;
