@@ -7,12 +7,22 @@
 //!
 //! Layout (the shape of the Linux and tokio wheels): [`LEVELS`] levels of [`SLOTS`] slots; level
 //! `k` slot `s` holds the timers whose deadline first differs from the wheel's time in the bits
-//! of level `k` and has `s` there. Each slot is an intrusive doubly linked list threaded through
-//! one slab, so insert and cancel are O(1) with no allocation after start; a bitmap per level
-//! finds the next occupied slot in one instruction. When time reaches a slot of a higher level,
-//! its timers cascade to lower levels (each timer moves at most `LEVELS - 1` times).
+//! of level `k` and has `s` there; a bitmap per level finds the next occupied slot in one
+//! instruction. When time reaches a slot of a higher level, its timers cascade to lower levels
+//! (each timer moves at most `LEVELS - 1` times).
+//!
+//! Memory layout, for the cache: payloads live in a slab allocated at start; a slot is a
+//! contiguous vector of `(deadline, slab index, generation)`. Cascading copies these 16-byte
+//! records from one vector to another without touching the slab, so the only cache miss per
+//! timer is the one that reads its payload when it fires (an intrusive linked list costs two or
+//! three per cascade: that version was no faster than a heap). Cancel frees the slab entry at
+//! once and leaves the slot record behind, stale; stale records are skipped when reached, and
+//! when they outnumber live timers (plus [`STALE_SLACK`]) every slot is compacted, so slot
+//! memory stays below 2 × live + slack records. Slot vectors keep their capacity, so a shard in
+//! steady state does not allocate.
 //!
 //! Guarantees, checked against a `BinaryHeap` model in the tests below:
+//! - insert and cancel are O(1) (cancel amortised, counting compaction);
 //! - a timer fires exactly once, in the first `advance(now_ms)` with `now_ms >= deadline`
 //!   (never early, never later than that call); a cancelled timer never fires;
 //! - timers fired by one `advance` come out by deadline, and in insertion order within a
@@ -21,9 +31,9 @@
 //! - deadlines [`HORIZON_MS`] or more ahead of the wheel's time (≈ 2.2 years) wait in an
 //!   overflow list and are filed into the wheel when time comes within reach, so they are
 //!   neither clamped nor fired early;
-//! - a [`TimerId`] carries the slab slot's generation, so cancelling a timer that already fired
-//!   or was cancelled is a no-op even after its slot is reused (generations are 32-bit: an id
-//!   kept across 2^32 reuses of one slot could alias; nothing holds ids that long).
+//! - a [`TimerId`] carries the slab entry's generation, so cancelling a timer that already fired
+//!   or was cancelled is a no-op even after its entry is reused (generations are 32-bit: an id
+//!   or stale record kept across 2^32 reuses of one entry could alias; nothing lives that long).
 
 use std::fmt;
 
@@ -36,6 +46,8 @@ pub const LEVELS: usize = 6;
 /// How far ahead of the wheel's time a deadline may be and still be filed in the wheel, in
 /// milliseconds (2^36 ms ≈ 795 days). Farther deadlines wait in the overflow list.
 pub const HORIZON_MS: u64 = 1 << (SLOT_BITS as usize * LEVELS);
+/// Stale slot records tolerated beyond the number of live timers before compaction.
+pub const STALE_SLACK: usize = 4_096;
 
 const WHEEL_LISTS: usize = LEVELS * SLOTS;
 /// Timers whose deadline had already passed when inserted.
@@ -43,11 +55,9 @@ const DUE_LIST: usize = WHEEL_LISTS;
 /// Timers beyond the horizon.
 const OVERFLOW_LIST: usize = WHEEL_LISTS + 1;
 const LISTS: usize = WHEEL_LISTS + 2;
-/// Marks a free slab entry.
-const FREE_LIST: u16 = u16::MAX;
 const NIL: u32 = u32::MAX;
 
-/// A timer's handle: its slab slot and that slot's generation when the timer was inserted.
+/// A timer's handle: its slab entry and that entry's generation when the timer was inserted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TimerId {
     index: u32,
@@ -87,14 +97,20 @@ pub struct Fired<T> {
     seq: u64,
 }
 
-struct Entry<T> {
+/// A slot's record of one timer (live, or stale once cancelled).
+#[derive(Debug, Clone, Copy)]
+struct Record {
     deadline_ms: u64,
-    seq: u64,
-    prev: u32,
-    next: u32,
-    /// The list the entry is on, or [`FREE_LIST`].
-    list: u16,
+    index: u32,
     generation: u32,
+}
+
+struct Entry<T> {
+    seq: u64,
+    generation: u32,
+    /// Next free entry while free.
+    next_free: u32,
+    /// `Some` exactly while the timer is pending.
     payload: Option<T>,
 }
 
@@ -102,9 +118,8 @@ struct Entry<T> {
 pub struct TimerWheel<T> {
     entries: Vec<Entry<T>>,
     free_head: u32,
-    heads: [u32; LISTS],
-    tails: [u32; LISTS],
-    /// Bit `s` of `occupied[k]` is set when level `k` slot `s` is not empty.
+    lists: Vec<Vec<Record>>,
+    /// Bit `s` of `occupied[k]` is set when level `k` slot `s` holds records.
     occupied: [u64; LEVELS],
     /// Every timer with a deadline at or before this has fired (or sits in the due list).
     elapsed_ms: u64,
@@ -113,6 +128,10 @@ pub struct TimerWheel<T> {
     overflow_refile_ms: u64,
     next_seq: u64,
     len: usize,
+    /// Records of cancelled timers still in some list.
+    stale: usize,
+    /// [`STALE_SLACK`], lowered by tests to exercise compaction.
+    stale_slack: usize,
     timers_max: usize,
 }
 
@@ -122,26 +141,28 @@ impl<T> fmt::Debug for TimerWheel<T> {
             .field("len", &self.len)
             .field("timers_max", &self.timers_max)
             .field("elapsed_ms", &self.elapsed_ms)
+            .field("stale", &self.stale)
             .finish_non_exhaustive()
     }
 }
 
 impl<T> TimerWheel<T> {
     /// A wheel whose time starts at `now_ms`, holding at most `timers_max` timers. The slab is
-    /// allocated here, once, so inserting never allocates (the OS backs the pages on first use).
+    /// allocated here, once (the OS backs its pages on first use).
     pub fn new(timers_max: usize, now_ms: u64) -> TimerWheel<T> {
         // Slab indices are u32 and NIL is reserved.
         let timers_max = timers_max.min(NIL as usize);
         TimerWheel {
             entries: Vec::with_capacity(timers_max),
             free_head: NIL,
-            heads: [NIL; LISTS],
-            tails: [NIL; LISTS],
+            lists: (0..LISTS).map(|_| Vec::new()).collect(),
             occupied: [0; LEVELS],
             elapsed_ms: now_ms,
             overflow_refile_ms: u64::MAX,
             next_seq: 0,
             len: 0,
+            stale: 0,
+            stale_slack: STALE_SLACK,
             timers_max,
         }
     }
@@ -167,21 +188,21 @@ impl<T> TimerWheel<T> {
     }
 
     /// A time at or before the earliest pending deadline (the start of the earliest occupied
-    /// slot), for deciding how long the shard may sleep; `None` when nothing is pending. Waking
-    /// at it may find nothing due yet: that is a cascade, not a bug.
+    /// slot), for deciding how long the shard may sleep; `None` when no slot holds anything.
+    /// Waking at it may find nothing due yet (a cascade, or only stale records): that is fine.
     pub fn next_wake_ms(&self) -> Option<u64> {
-        if self.heads[DUE_LIST] != NIL {
+        if !self.lists[DUE_LIST].is_empty() {
             return Some(self.elapsed_ms);
         }
         let wheel = self.next_slot().map(|(_, start)| start);
-        let overflow = (self.heads[OVERFLOW_LIST] != NIL).then_some(self.overflow_refile_ms);
+        let overflow = (!self.lists[OVERFLOW_LIST].is_empty()).then_some(self.overflow_refile_ms);
         match (wheel, overflow) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
 
-    /// Adds a timer due at `deadline_ms`. O(1); never allocates.
+    /// Adds a timer due at `deadline_ms`. O(1).
     pub fn insert(&mut self, deadline_ms: u64, payload: T) -> Result<TimerId, TimerError> {
         if self.len >= self.timers_max {
             return Err(TimerError::Full { timers_max: self.timers_max });
@@ -190,31 +211,35 @@ impl<T> TimerWheel<T> {
         self.next_seq += 1;
         let index = if self.free_head == NIL {
             let index = self.entries.len() as u32;
-            self.entries.push(Entry { deadline_ms, seq, prev: NIL, next: NIL, list: FREE_LIST, generation: 0, payload: Some(payload) });
+            self.entries.push(Entry { seq, generation: 0, next_free: NIL, payload: Some(payload) });
             index
         } else {
             let index = self.free_head;
             let entry = &mut self.entries[index as usize];
-            self.free_head = entry.next;
-            entry.deadline_ms = deadline_ms;
+            self.free_head = entry.next_free;
             entry.seq = seq;
             entry.payload = Some(payload);
             index
         };
-        self.file(index);
+        let generation = self.entries[index as usize].generation;
+        self.file(Record { deadline_ms, index, generation });
         self.len += 1;
-        Ok(TimerId { index, generation: self.entries[index as usize].generation })
+        Ok(TimerId { index, generation })
     }
 
     /// Removes a pending timer and returns its payload; `None` (and nothing changes) when the
-    /// timer already fired or was cancelled. O(1).
+    /// timer already fired or was cancelled. O(1) amortised.
     pub fn cancel(&mut self, id: TimerId) -> Option<T> {
-        let entry = self.entries.get(id.index as usize)?;
-        if entry.generation != id.generation || entry.list == FREE_LIST {
+        let entry = self.entries.get_mut(id.index as usize)?;
+        if entry.generation != id.generation {
             return None;
         }
-        self.unlink(id.index);
-        let payload = self.release(id.index);
+        let payload = entry.payload.take()?;
+        self.release(id.index);
+        self.stale += 1;
+        if self.stale > self.len + self.stale_slack {
+            self.compact();
+        }
         Some(payload)
     }
 
@@ -224,46 +249,51 @@ impl<T> TimerWheel<T> {
     pub fn advance(&mut self, now_ms: u64, fired: &mut Vec<Fired<T>>) -> usize {
         let now_ms = now_ms.max(self.elapsed_ms);
         let first = fired.len();
-        // Lists filed at different times only interleave out of order through the due and
-        // overflow lists; the wheel itself emits in (deadline, seq) order.
+        // Only the due and overflow lists can interleave out of order with the wheel's slots;
+        // the wheel itself emits in (deadline, seq) order.
         let mut needs_sort = false;
-        if self.heads[DUE_LIST] != NIL {
-            let head = self.detach(DUE_LIST);
-            self.fire_chain(head, fired);
+        if !self.lists[DUE_LIST].is_empty() {
+            let mut batch = std::mem::take(&mut self.lists[DUE_LIST]);
+            for record in batch.drain(..) {
+                self.fire(record, fired);
+            }
+            self.lists[DUE_LIST] = batch;
             needs_sort = true;
         }
         loop {
             let wheel = self.next_slot();
-            let refile = (self.heads[OVERFLOW_LIST] != NIL).then_some(self.overflow_refile_ms);
+            let refile = (!self.lists[OVERFLOW_LIST].is_empty()).then_some(self.overflow_refile_ms);
             match (wheel, refile) {
                 (wheel, Some(refile_ms)) if refile_ms <= now_ms && wheel.is_none_or(|(_, start)| refile_ms <= start) => {
                     self.elapsed_ms = self.elapsed_ms.max(refile_ms);
                     self.overflow_refile_ms = u64::MAX;
-                    let mut cursor = self.detach(OVERFLOW_LIST);
-                    while cursor != NIL {
-                        let next = self.entries[cursor as usize].next;
-                        if self.entries[cursor as usize].deadline_ms <= self.elapsed_ms {
-                            self.fire_one(cursor, fired);
+                    // Records may go straight back to the overflow list: drain a copy.
+                    let batch = std::mem::take(&mut self.lists[OVERFLOW_LIST]);
+                    for record in batch {
+                        if !self.is_live(record) {
+                            self.stale -= 1;
+                        } else if record.deadline_ms <= self.elapsed_ms {
+                            self.fire(record, fired);
                             needs_sort = true;
                         } else {
-                            self.file(cursor);
+                            self.file(record);
                         }
-                        cursor = next;
                     }
                 }
                 (Some((list, start_ms)), _) if start_ms <= now_ms => {
                     debug_assert!(start_ms > self.elapsed_ms, "an occupied slot lies in the past");
                     self.elapsed_ms = start_ms;
-                    let mut cursor = self.detach(list);
-                    while cursor != NIL {
-                        let next = self.entries[cursor as usize].next;
-                        if self.entries[cursor as usize].deadline_ms <= start_ms {
-                            self.fire_one(cursor, fired);
+                    self.occupied[list / SLOTS] &= !(1 << (list % SLOTS));
+                    // Records cascade to lower levels only, never back into this slot.
+                    let mut batch = std::mem::take(&mut self.lists[list]);
+                    for record in batch.drain(..) {
+                        if record.deadline_ms <= start_ms {
+                            self.fire(record, fired);
                         } else {
-                            self.file(cursor);
+                            self.file(record);
                         }
-                        cursor = next;
                     }
+                    self.lists[list] = batch;
                 }
                 _ => break,
             }
@@ -291,103 +321,82 @@ impl<T> TimerWheel<T> {
         None
     }
 
-    /// Puts an entry on the list its deadline belongs to, relative to the wheel's time.
-    fn file(&mut self, index: u32) {
-        let deadline_ms = self.entries[index as usize].deadline_ms;
+    /// Puts a record on the list its deadline belongs to, relative to the wheel's time.
+    fn file(&mut self, record: Record) {
         let elapsed_ms = self.elapsed_ms;
+        let deadline_ms = record.deadline_ms;
         if deadline_ms <= elapsed_ms {
-            self.push_back(DUE_LIST, index);
+            self.lists[DUE_LIST].push(record);
             return;
         }
         // The highest bit where deadline and now differ picks the level (at least level 0).
         let masked = (elapsed_ms ^ deadline_ms) | (SLOTS as u64 - 1);
-        let level = (63 - masked.leading_zeros()) as usize / SLOT_BITS as usize;
+        let level = masked.ilog2() as usize / SLOT_BITS as usize;
         if level >= LEVELS {
             self.overflow_refile_ms = self.overflow_refile_ms.min(deadline_ms & !(HORIZON_MS - 1));
-            self.push_back(OVERFLOW_LIST, index);
+            self.lists[OVERFLOW_LIST].push(record);
             return;
         }
         let slot = ((deadline_ms >> (SLOT_BITS as usize * level)) as usize) & (SLOTS - 1);
         self.occupied[level] |= 1 << slot;
-        self.push_back(level * SLOTS + slot, index);
+        self.lists[level * SLOTS + slot].push(record);
     }
 
-    fn push_back(&mut self, list: usize, index: u32) {
-        let tail = self.tails[list];
-        {
-            let entry = &mut self.entries[index as usize];
-            entry.list = list as u16;
-            entry.prev = tail;
-            entry.next = NIL;
-        }
-        if tail == NIL {
-            self.heads[list] = index;
-        } else {
-            self.entries[tail as usize].next = index;
-        }
-        self.tails[list] = index;
+    fn is_live(&self, record: Record) -> bool {
+        let entry = &self.entries[record.index as usize];
+        entry.generation == record.generation && entry.payload.is_some()
     }
 
-    fn unlink(&mut self, index: u32) {
-        let (list, prev, next) = {
-            let entry = &self.entries[index as usize];
-            (entry.list as usize, entry.prev, entry.next)
+    /// Hands a record's timer over, or drops the record if it is stale.
+    fn fire(&mut self, record: Record, fired: &mut Vec<Fired<T>>) {
+        let entry = &mut self.entries[record.index as usize];
+        if entry.generation != record.generation {
+            self.stale -= 1;
+            return;
+        }
+        let Some(payload) = entry.payload.take() else {
+            self.stale -= 1;
+            return;
         };
-        if prev == NIL {
-            self.heads[list] = next;
-        } else {
-            self.entries[prev as usize].next = next;
-        }
-        if next == NIL {
-            self.tails[list] = prev;
-        } else {
-            self.entries[next as usize].prev = prev;
-        }
-        if list < WHEEL_LISTS && self.heads[list] == NIL {
-            self.occupied[list / SLOTS] &= !(1 << (list % SLOTS));
-        }
+        let seq = entry.seq;
+        self.release(record.index);
+        fired.push(Fired {
+            id: TimerId { index: record.index, generation: record.generation },
+            deadline_ms: record.deadline_ms,
+            payload,
+            seq,
+        });
     }
 
-    /// Takes a whole list off its head; the entries keep their `next` links for the walk.
-    fn detach(&mut self, list: usize) -> u32 {
-        let head = self.heads[list];
-        self.heads[list] = NIL;
-        self.tails[list] = NIL;
-        if list < WHEEL_LISTS {
-            self.occupied[list / SLOTS] &= !(1 << (list % SLOTS));
-        }
-        head
-    }
-
-    fn fire_chain(&mut self, mut cursor: u32, fired: &mut Vec<Fired<T>>) {
-        while cursor != NIL {
-            let next = self.entries[cursor as usize].next;
-            self.fire_one(cursor, fired);
-            cursor = next;
-        }
-    }
-
-    fn fire_one(&mut self, index: u32, fired: &mut Vec<Fired<T>>) {
-        let (generation, deadline_ms, seq) = {
-            let entry = &self.entries[index as usize];
-            (entry.generation, entry.deadline_ms, entry.seq)
-        };
-        let payload = self.release(index);
-        fired.push(Fired { id: TimerId { index, generation }, deadline_ms, payload, seq });
-    }
-
-    /// Frees an entry that is on no list any more; bumps its generation so old ids go stale.
-    fn release(&mut self, index: u32) -> T {
+    /// Frees an entry whose payload was taken; bumps its generation so old ids and records go
+    /// stale.
+    fn release(&mut self, index: u32) {
         let free_head = self.free_head;
         let entry = &mut self.entries[index as usize];
-        entry.list = FREE_LIST;
         entry.generation = entry.generation.wrapping_add(1);
-        entry.next = free_head;
-        entry.prev = NIL;
+        entry.next_free = free_head;
         self.free_head = index;
         self.len -= 1;
-        // Every entry on a list holds a payload; `release` is only called on listed entries.
-        entry.payload.take().expect("a listed timer holds its payload")
+    }
+
+    /// Drops every stale record (O(records)); runs when stale records outnumber live timers.
+    fn compact(&mut self) {
+        let entries = &self.entries;
+        for (list, records) in self.lists.iter_mut().enumerate() {
+            records.retain(|r| {
+                let entry = &entries[r.index as usize];
+                entry.generation == r.generation && entry.payload.is_some()
+            });
+            if list < WHEEL_LISTS && records.is_empty() {
+                self.occupied[list / SLOTS] &= !(1 << (list % SLOTS));
+            }
+        }
+        self.stale = 0;
+    }
+
+    #[cfg(test)]
+    fn records(&self) -> usize {
+        self.lists.iter().map(Vec::len).sum()
     }
 }
 
@@ -482,6 +491,20 @@ mod tests {
     }
 
     #[test]
+    fn cancelled_records_are_compacted() {
+        let mut wheel = TimerWheel::new(100, 0);
+        let keep = wheel.insert(1_000_000, 7).unwrap();
+        for n in 0..10 * STALE_SLACK as u32 {
+            let id = wheel.insert(500_000 + u64::from(n), n).unwrap();
+            assert_eq!(wheel.cancel(id), Some(n));
+        }
+        assert!(wheel.records() <= 1 + wheel.len() + STALE_SLACK, "{} records", wheel.records());
+        assert_eq!(drain(&mut wheel, 2_000_000), vec![(1_000_000, 7)]);
+        assert_eq!(wheel.cancel(keep), None);
+        assert_eq!(wheel.stale, 0);
+    }
+
+    #[test]
     fn full_wheel_refuses_with_the_limit() {
         let mut wheel = TimerWheel::new(2, 0);
         wheel.insert(1, 1).unwrap();
@@ -540,8 +563,9 @@ mod tests {
         /// order, at the same advance; each exactly once; never early; never past the first
         /// advance that reaches the deadline.
         #[test]
-        fn matches_a_binary_heap(start in 0u64..(1 << 45), timers_max in 1usize..40, ops in proptest::collection::vec(op(), 1..300)) {
+        fn matches_a_binary_heap(start in 0u64..(1 << 45), timers_max in 1usize..40, stale_slack in 0usize..4, ops in proptest::collection::vec(op(), 1..300)) {
             let mut wheel = TimerWheel::new(timers_max, start);
+            wheel.stale_slack = stale_slack;
             let mut heap: BinaryHeap<Reverse<(u64, u64)>> = BinaryHeap::new();
             let mut model_live: HashSet<u64> = HashSet::new();
             let mut ids: Vec<(TimerId, u64)> = Vec::new();

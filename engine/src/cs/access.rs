@@ -47,7 +47,7 @@ pub struct Actor<'a> {
 pub enum ConversationAction {
     /// Subscribe to it, read its history, publish in it.
     Watch,
-    /// Accept or decline an offer (OFFER_RESPONSE).
+    /// Accept or decline an offer (`OFFER_RESPONSE`).
     RespondToOffer,
     /// Transfer it.
     Transfer,
@@ -106,6 +106,7 @@ pub fn check_agent_status(actor: &Actor<'_>, tenant: &str, agent: &str) -> Resul
 }
 
 /// May `actor` do `action` to the conversation described by `facts`?
+#[allow(clippy::match_same_arms)] // One arm per rule reads better than merged patterns.
 pub fn check_conversation(actor: &Actor<'_>, action: ConversationAction, facts: &ConversationFacts<'_>) -> Result<(), DeskError> {
     check_tenant(actor, facts.tenant)?;
     let own_customer = actor.role == Role::Customer && facts.customer.as_str() == actor.subject;
@@ -117,7 +118,9 @@ pub fn check_conversation(actor: &Actor<'_>, action: ConversationAction, facts: 
         (Role::Supervisor, ConversationAction::Watch | ConversationAction::Transfer | ConversationAction::Close) => Ok(()),
         (Role::Supervisor, ConversationAction::RespondToOffer) => forbid("only the agent offered may answer an offer"),
         (Role::Supervisor, ConversationAction::Leave) => forbid("only the customer leaves a conversation"),
-        (Role::Customer, ConversationAction::Watch | ConversationAction::Close | ConversationAction::Leave) if own_customer => Ok(()),
+        (Role::Customer, ConversationAction::Watch | ConversationAction::Close | ConversationAction::Leave) if own_customer => {
+            Ok(())
+        }
         (Role::Customer, ConversationAction::RespondToOffer | ConversationAction::Transfer) => {
             forbid("customers do not answer offers or transfer")
         }
@@ -152,10 +155,10 @@ mod tests {
 
     #[test]
     fn every_role_against_an_active_conversation() {
+        use ConversationAction::*;
         let customer = Text::from("cus");
         let agent = Text::from("ann");
         let facts = ConversationFacts { tenant: "t1", customer: &customer, state: State::Active, agent: Some(&agent) };
-        use ConversationAction::*;
         assert_eq!(allowed(&actor("t1", Role::Customer, "cus"), &facts), vec![Watch, Close, Leave]);
         assert_eq!(allowed(&actor("t1", Role::Customer, "other"), &facts), vec![]);
         assert_eq!(allowed(&actor("t1", Role::Agent, "ann"), &facts), vec![Watch, Transfer, Close]);
@@ -174,10 +177,10 @@ mod tests {
 
     #[test]
     fn an_offered_agent_may_answer_but_not_transfer() {
+        use ConversationAction::*;
         let customer = Text::from("cus");
         let agent = Text::from("ann");
         let facts = ConversationFacts { tenant: "t1", customer: &customer, state: State::Offered, agent: Some(&agent) };
-        use ConversationAction::*;
         assert_eq!(allowed(&actor("t1", Role::Agent, "ann"), &facts), vec![Watch, RespondToOffer]);
         assert_eq!(allowed(&actor("t1", Role::Agent, "bob"), &facts), vec![]);
         assert_eq!(allowed(&actor("t1", Role::Supervisor, "sup"), &facts), vec![Watch, Transfer, Close]);

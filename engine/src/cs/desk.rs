@@ -24,7 +24,7 @@ use switchboard_protocol::limits::{ID_BYTES_MAX, MESSAGE_BYTES_MAX, SKILLS_MAX};
 use switchboard_protocol::{AgentPresence, ConversationEventKind as Kind, Text, TransferKind};
 
 use super::access::ConversationFacts;
-use super::agents::{AgentKey, AgentTable};
+use super::agents::{Agent, AgentKey, AgentTable};
 use super::error::DeskError;
 use super::fsm::{Event, State, Table, Transition};
 use super::queue::{Overflow, Queue, QueueKey, QueuePolicy};
@@ -66,7 +66,7 @@ pub struct TimerPayload {
 /// Something the engine must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Push a CONVERSATION_EVENT to the conversation's participants and the tenant's
+    /// Push a `CONVERSATION_EVENT` to the conversation's participants and the tenant's
     /// supervisors (the engine adds epoch, seq and timestamp).
     Event {
         /// The conversation.
@@ -112,7 +112,7 @@ pub enum Effect {
         /// The agent.
         agent: Text,
     },
-    /// An agent's presence, capacity or load changed: push AGENT_STATUS to supervisors.
+    /// An agent's presence, capacity or load changed: push `AGENT_STATUS` to supervisors.
     AgentStatus {
         /// The agent.
         agent: Text,
@@ -361,7 +361,7 @@ pub struct TenantDesk {
     candidates: Vec<AgentKey>,
     /// Some agent's presence, connection, capacity or skills changed since the last recount.
     serving_dirty: bool,
-    /// Agents whose presence, capacity or load changed during this call (AGENT_STATUS due).
+    /// Agents whose presence, capacity or load changed during this call (`AGENT_STATUS` due).
     status_changed: BTreeSet<AgentKey>,
 }
 
@@ -426,12 +426,11 @@ fn validate_policy(policy: &DeskPolicy, limits: &DeskLimits) -> Result<Vec<Queue
                 Overflow::Queue(target) if current.wait_ms_max > 0 => queues.iter().find(|q| &q.name == target),
                 _ => None,
             };
-            match next {
-                Some(next) => current = next,
-                None => {
-                    ends = true;
-                    break;
-                }
+            if let Some(next) = next {
+                current = next;
+            } else {
+                ends = true;
+                break;
             }
         }
         if !ends {
@@ -447,7 +446,10 @@ fn validate_policy(policy: &DeskPolicy, limits: &DeskLimits) -> Result<Vec<Queue
         if policy.experiment[..index].iter().any(|v| v.group == variant.group) {
             return bad(format!("group `{}` defined twice", variant.group));
         }
-        variant.strategy.validate(limits.agents_max).map_err(|e| DeskError::bad_request(format!("group `{}`: {e}", variant.group)))?;
+        variant
+            .strategy
+            .validate(limits.agents_max)
+            .map_err(|e| DeskError::bad_request(format!("group `{}`: {e}", variant.group)))?;
     }
     if !policy.experiment.is_empty() && policy.experiment.iter().all(|v| v.weight == 0) {
         return bad("experiment: weights sum to 0".into());
@@ -536,7 +538,7 @@ impl TenantDesk {
             session: &conv.session,
             customer: &conv.customer,
             state: conv.state,
-            agent: conv.agent.and_then(|key| self.agents.get(key)).map(|a| a.id()),
+            agent: conv.agent.and_then(|key| self.agents.get(key)).map(Agent::id),
             agent_key: conv.agent,
             queue: self.queues[conv.queue].name(),
             queue_key: conv.key,
@@ -627,7 +629,7 @@ impl TenantDesk {
         Ok(())
     }
 
-    /// An agent reports presence, capacity and skills (AGENT_STATUS from its connection, so it
+    /// An agent reports presence, capacity and skills (`AGENT_STATUS` from its connection, so it
     /// is connected). Going offline sends its offers and conversations back to their queues.
     pub fn agent_status(
         &mut self,
@@ -702,9 +704,11 @@ impl TenantDesk {
         if conv.agent != Some(key) {
             return Err(DeskError::Forbidden { reason: "the offer was made to another agent" });
         }
-        let Some(mut conv) = self.conversations.remove(session) else { return Err(DeskError::not_found("conversation", session)) };
+        let Some(mut conv) = self.conversations.remove(session) else {
+            return Err(DeskError::not_found("conversation", session));
+        };
         if accept {
-            self.cancel_timer(&mut conv.offer_timer, effects);
+            Self::cancel_timer(&mut conv.offer_timer, effects);
             self.agents.assign(key);
             conv.state = transition.to;
             conv.assigned_at_ms = now;
@@ -768,7 +772,9 @@ impl TenantDesk {
             }
             TransferKind::Agent => None,
         };
-        let Some(mut conv) = self.conversations.remove(session) else { return Err(DeskError::not_found("conversation", session)) };
+        let Some(mut conv) = self.conversations.remove(session) else {
+            return Err(DeskError::not_found("conversation", session));
+        };
         let mut ctx = EventCtx { reason: note.clone(), target_agent: Text::new(), ..EventCtx::default() };
         self.leave_current_place(now, &mut conv, effects);
         if let Some(index) = target_queue {
@@ -877,7 +883,11 @@ impl TenantDesk {
         let queue_policies = validate_policy(&policy, &self.limits)?;
         for old in &self.queues {
             if !old.is_empty() && !queue_policies.iter().any(|q| q.name == *old.name()) {
-                return Err(DeskError::bad_request(format!("queue `{}` still has {} waiting conversations", old.name(), old.len())));
+                return Err(DeskError::bad_request(format!(
+                    "queue `{}` still has {} waiting conversations",
+                    old.name(),
+                    old.len()
+                )));
             }
         }
         // Queues: by name, carrying waiting conversations and statistics.
@@ -896,12 +906,8 @@ impl TenantDesk {
             self.queues.push(queue);
         }
         // Groups: by name.
-        let group_remap: Vec<Option<usize>> = self
-            .policy
-            .experiment
-            .iter()
-            .map(|old| policy.experiment.iter().position(|new| new.group == old.group))
-            .collect();
+        let group_remap: Vec<Option<usize>> =
+            self.policy.experiment.iter().map(|old| policy.experiment.iter().position(|new| new.group == old.group)).collect();
         let mut counts = vec![GroupCounts::default(); policy.experiment.len()];
         for (old, new) in group_remap.iter().enumerate() {
             if let Some(new) = new {
@@ -918,7 +924,7 @@ impl TenantDesk {
             conv.queue = remap.get(conv.queue).copied().unwrap_or(0);
             conv.variant = conv.variant.and_then(|v| group_remap.get(v).copied().flatten());
             if conv.state == State::Queued {
-                self.cancel_timer(&mut conv.wait_timer, effects);
+                Self::cancel_timer(&mut conv.wait_timer, effects);
                 self.start_wait_timer(now, &mut conv, effects);
             }
             self.conversations.insert(session, conv);
@@ -974,7 +980,7 @@ impl TenantDesk {
                             return Err(format!("{session}: active with an offer timer"));
                         }
                     }
-                    let holder = self.agents.get(agent).map(|a| a.sessions().contains(session)).unwrap_or(false);
+                    let holder = self.agents.get(agent).is_some_and(|a| a.sessions().contains(session));
                     if !holder {
                         return Err(format!("{session}: agent does not list it"));
                     }
@@ -1062,7 +1068,7 @@ impl TenantDesk {
         id
     }
 
-    fn cancel_timer(&mut self, slot: &mut Option<CsTimerId>, effects: &mut Vec<Effect>) {
+    fn cancel_timer(slot: &mut Option<CsTimerId>, effects: &mut Vec<Effect>) {
         if let Some(id) = slot.take() {
             effects.push(Effect::CancelTimer { id });
         }
@@ -1093,10 +1099,10 @@ impl TenantDesk {
         match conv.state {
             State::Queued => {
                 self.queues[conv.queue].remove(conv.key);
-                self.cancel_timer(&mut conv.wait_timer, effects);
+                Self::cancel_timer(&mut conv.wait_timer, effects);
             }
             State::Offered => {
-                self.cancel_timer(&mut conv.offer_timer, effects);
+                Self::cancel_timer(&mut conv.offer_timer, effects);
                 if let Some(key) = conv.agent.take() {
                     self.agents.release_offer(key, &conv.session);
                     self.agent_changed(key);
@@ -1135,7 +1141,7 @@ impl TenantDesk {
         }
         if conv.state == State::Queued {
             self.queues[conv.queue].remove(conv.key);
-            self.cancel_timer(&mut conv.wait_timer, effects);
+            Self::cancel_timer(&mut conv.wait_timer, effects);
         }
         self.stats.offers += 1;
         conv.state = transition.to;
@@ -1145,13 +1151,25 @@ impl TenantDesk {
         conv.offer_timer = Some(self.start_timer(at_ms, TimerKind::OfferTimeout { session: conv.session.clone() }, effects));
         self.emit(conv, transition, ctx, effects);
         let agent_id = self.agents.get(agent).map(|a| a.id().clone()).unwrap_or_default();
-        effects.push(Effect::NotifyAgent { agent: agent_id, session: conv.session.clone(), kind: Kind::Offered, reason: ctx.reason.clone() });
+        effects.push(Effect::NotifyAgent {
+            agent: agent_id,
+            session: conv.session.clone(),
+            kind: Kind::Offered,
+            reason: ctx.reason.clone(),
+        });
         true
     }
 
     /// An offer ended without acceptance (decline, timeout, agent lost): back to its place in
     /// its queue; the agent is not offered it again.
-    fn return_offer(&mut self, now: u64, mut conv: Conversation, transition: Transition, reason: Text, effects: &mut Vec<Effect>) {
+    fn return_offer(
+        &mut self,
+        now: u64,
+        mut conv: Conversation,
+        transition: Transition,
+        reason: Text,
+        effects: &mut Vec<Effect>,
+    ) {
         let prev = conv.agent;
         let prev_agent = prev.and_then(|k| self.agents.get(k)).map(|a| a.id().clone()).unwrap_or_default();
         self.leave_current_place(now, &mut conv, effects);
@@ -1171,17 +1189,31 @@ impl TenantDesk {
     }
 
     /// Close or customer-left: ends the conversation.
-    fn finish_conversation(&mut self, now: u64, session: &Text, event: Event, reason: Text, effects: &mut Vec<Effect>) -> Result<(), DeskError> {
+    fn finish_conversation(
+        &mut self,
+        now: u64,
+        session: &Text,
+        event: Event,
+        reason: Text,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), DeskError> {
         let conv = self.conversations.get(session).ok_or_else(|| DeskError::not_found("conversation", session))?;
         let transition = self.policy.transitions.step(conv.state, event)?;
-        let Some(mut conv) = self.conversations.remove(session) else { return Err(DeskError::not_found("conversation", session)) };
+        let Some(mut conv) = self.conversations.remove(session) else {
+            return Err(DeskError::not_found("conversation", session));
+        };
         let was = conv.state;
         let prev_agent = conv.agent.and_then(|k| self.agents.get(k)).map(|a| a.id().clone()).unwrap_or_default();
         self.leave_current_place(now, &mut conv, effects);
         conv.state = transition.to;
         if was == State::Offered && !prev_agent.is_empty() {
             let kind = transition.emits.first().copied().unwrap_or(Kind::Closed);
-            effects.push(Effect::NotifyAgent { agent: prev_agent.clone(), session: session.clone(), kind, reason: reason.clone() });
+            effects.push(Effect::NotifyAgent {
+                agent: prev_agent.clone(),
+                session: session.clone(),
+                kind,
+                reason: reason.clone(),
+            });
         }
         match transition.to {
             State::Abandoned => self.counts(conv.variant).abandoned += 1,
@@ -1214,7 +1246,8 @@ impl TenantDesk {
             conv.key = QueueKey::new(conv.priority, self.take_seq());
             conv.stint_started_ms = now;
             conv.declined.clear();
-            let ctx = EventCtx { target_queue: self.queues[index].name().clone(), reason: REASON_MAX_WAIT, ..EventCtx::default() };
+            let ctx =
+                EventCtx { target_queue: self.queues[index].name().clone(), reason: REASON_MAX_WAIT, ..EventCtx::default() };
             self.enter_queue(now, &mut conv, effects);
             self.emit(&mut conv, transition, &ctx, effects);
             self.conversations.insert(conv.session.clone(), conv);
@@ -1405,7 +1438,7 @@ impl TenantDesk {
             if self.agents.available_len() == 0 {
                 break;
             }
-            let old_pool_live = rescan_all || changed.iter().any(|&k| self.agents.get(k).is_some_and(|a| a.is_available()));
+            let old_pool_live = rescan_all || changed.iter().any(|&k| self.agents.get(k).is_some_and(Agent::is_available));
             // Skip old conversations when no changed agent is left to try them against.
             let next = if old_pool_live {
                 self.next_waiting(cursor)
@@ -1414,7 +1447,8 @@ impl TenantDesk {
                     match fresh.next() {
                         None => break None,
                         Some((key, queue)) => {
-                            if cursor.is_none_or(|c| key > c) && self.queues.get(queue).is_some_and(|q| q.position(key).is_some()) {
+                            if cursor.is_none_or(|c| key > c) && self.queues.get(queue).is_some_and(|q| q.position(key).is_some())
+                            {
                                 break Some((key, queue));
                             }
                         }
@@ -1601,7 +1635,12 @@ mod tests {
 
         let fx = online(&mut desk, T0 + 1, "ann", 2, &[]);
         assert_eq!(events(&fx), vec![("s1".into(), Kind::Offered, "ann".into())]);
-        assert!(fx.contains(&Effect::NotifyAgent { agent: t("ann"), session: t("s1"), kind: Kind::Offered, reason: Text::new() }));
+        assert!(fx.contains(&Effect::NotifyAgent {
+            agent: t("ann"),
+            session: t("s1"),
+            kind: Kind::Offered,
+            reason: Text::new()
+        }));
 
         let fx = respond(&mut desk, T0 + 2, "s1", "ann", true).unwrap();
         assert_eq!(kinds(&fx), vec![Kind::Accepted, Kind::Assigned]);
@@ -1680,7 +1719,12 @@ mod tests {
         let mut fx = Vec::new();
         desk.handle_timer(at, &offer, &mut fx);
         assert_eq!(kinds(&fx), vec![Kind::Declined, Kind::Queued]);
-        assert!(fx.contains(&Effect::NotifyAgent { agent: t("ann"), session: t("s1"), kind: Kind::Declined, reason: REASON_OFFER_TIMEOUT }));
+        assert!(fx.contains(&Effect::NotifyAgent {
+            agent: t("ann"),
+            session: t("s1"),
+            kind: Kind::Declined,
+            reason: REASON_OFFER_TIMEOUT
+        }));
         assert_eq!(desk.stats().offer_timeouts, 1);
         let mut fx = Vec::new();
         desk.handle_timer(at, &offer, &mut fx);
@@ -1792,10 +1836,7 @@ mod tests {
         online(&mut desk, T0 + 2, "bob", 1, &[]);
         let mut fx = Vec::new();
         desk.transfer(T0 + 3, &t("s1"), TransferKind::Agent, &t("bob"), &t("vip"), &mut fx).unwrap();
-        assert_eq!(
-            events(&fx),
-            vec![("s1".into(), Kind::Transferred, "bob".into()), ("s1".into(), Kind::Offered, "bob".into())]
-        );
+        assert_eq!(events(&fx), vec![("s1".into(), Kind::Transferred, "bob".into()), ("s1".into(), Kind::Offered, "bob".into())]);
         assert!(fx.contains(&Effect::AgentLeft { session: t("s1"), agent: t("ann") }));
         respond(&mut desk, T0 + 4, "s1", "bob", true).unwrap();
         let mut fx = Vec::new();
@@ -1814,7 +1855,11 @@ mod tests {
 
     #[test]
     fn refusals_are_typed_and_change_nothing() {
-        let mut desk = TenantDesk::new(DeskLimits { conversations_max: 2, queue_length_max: 1, ..DeskLimits::default() }, DeskPolicy::default()).unwrap();
+        let mut desk = TenantDesk::new(
+            DeskLimits { conversations_max: 2, queue_length_max: 1, ..DeskLimits::default() },
+            DeskPolicy::default(),
+        )
+        .unwrap();
         open(&mut desk, T0, "s1", 0);
         let mut fx = vec![];
         let code = |r: Result<(), DeskError>| r.unwrap_err().code();
@@ -1859,7 +1904,12 @@ mod tests {
         let mut fx = Vec::new();
         desk.customer_left(T0 + 3, &t("offered"), &mut fx).unwrap();
         assert_eq!(kinds(&fx), vec![Kind::Abandoned]);
-        assert!(fx.contains(&Effect::NotifyAgent { agent: t("ann"), session: t("offered"), kind: Kind::Abandoned, reason: REASON_CUSTOMER_LEFT }));
+        assert!(fx.contains(&Effect::NotifyAgent {
+            agent: t("ann"),
+            session: t("offered"),
+            kind: Kind::Abandoned,
+            reason: REASON_CUSTOMER_LEFT
+        }));
         assert_eq!(desk.agents().get(AgentKey(0)).unwrap().reserved(), 0);
         let counts = desk.group_counts();
         assert_eq!(counts.last().unwrap().1.abandoned, 2);

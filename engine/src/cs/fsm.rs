@@ -1,10 +1,12 @@
 //! The conversation state machine: which events are valid in which state, where they lead, and
-//! which CONVERSATION_EVENT kinds each transition pushes, in order.
+//! which `CONVERSATION_EVENT` kinds each transition pushes, in order.
 //!
 //! It owns the transition table and nothing else: no agent, queue or timer bookkeeping (that is
 //! the desk's). The table is data, so the control plane can swap in a stricter one at run time
-//! ([`Table::from_rules`] accepts any subset of the standard rules: a tenant may forbid a
-//! transition, never invent one the desk has no code for).
+//! ([`Table::from_rules`] accepts any subset of the standard rules that keeps every rule
+//! driven by the system rather than by a request: a tenant may forbid a transfer or a close,
+//! never invent a transition the desk has no code for, nor strand a conversation whose agent
+//! went offline or whose offer timed out).
 
 use std::fmt;
 
@@ -102,6 +104,15 @@ impl Event {
         Event::Overflow,
         Event::OverflowOffline,
     ];
+
+    /// True for events a participant asks for (a custom table may forbid them); false for
+    /// those the desk raises itself (routing, timeouts, lost agents), which every table keeps.
+    pub fn is_request(self) -> bool {
+        matches!(
+            self,
+            Event::Accept | Event::Decline | Event::TransferToAgent | Event::TransferToQueue | Event::Close | Event::CustomerLeft
+        )
+    }
 
     /// Lower-case name, for error messages.
     pub fn name(self) -> &'static str {
@@ -205,6 +216,8 @@ pub enum TableError {
     UnknownRule(Rule),
     /// Two rules for the same state and event.
     Duplicate(State, Event),
+    /// A system rule (not a request) is missing.
+    MissingSystemRule(Rule),
 }
 
 impl fmt::Display for TableError {
@@ -214,6 +227,14 @@ impl fmt::Display for TableError {
                 write!(f, "rule `{}` + `{}` → `{}` is not a standard rule", rule.from.name(), rule.event.name(), rule.to.name())
             }
             TableError::Duplicate(state, event) => write!(f, "two rules for `{}` + `{}`", state.name(), event.name()),
+            TableError::MissingSystemRule(rule) => {
+                write!(
+                    f,
+                    "rule `{}` + `{}` is raised by the desk itself and cannot be removed",
+                    rule.from.name(),
+                    rule.event.name()
+                )
+            }
         }
     }
 }
@@ -243,7 +264,7 @@ impl Table {
     }
 
     /// A table of a subset of the standard rules; each rule must equal its standard one,
-    /// `emits` included.
+    /// `emits` included, and every system rule (see [`Event::is_request`]) must be there.
     pub fn from_rules(rules: &[Rule]) -> Result<Table, TableError> {
         let mut table = Table { cells: [[None; Event::ALL.len()]; State::ALL.len()] };
         for rule in rules {
@@ -255,6 +276,9 @@ impl Table {
                 return Err(TableError::Duplicate(rule.from, rule.event));
             }
             *cell = Some(Transition { to: rule.to, emits: rule.emits });
+        }
+        if let Some(missing) = STANDARD_RULES.iter().find(|r| !r.event.is_request() && !rules.contains(r)) {
+            return Err(TableError::MissingSystemRule(*missing));
         }
         Ok(table)
     }
@@ -320,5 +344,9 @@ mod tests {
         assert_eq!(Table::from_rules(&[invented]), Err(TableError::UnknownRule(invented)));
         let twice = [STANDARD_RULES[0], STANDARD_RULES[0]];
         assert_eq!(Table::from_rules(&twice), Err(TableError::Duplicate(State::New, Event::Enqueue)));
+        let no_timeouts: Vec<Rule> = STANDARD_RULES.iter().copied().filter(|r| r.event != Event::OfferTimeout).collect();
+        assert!(
+            matches!(Table::from_rules(&no_timeouts), Err(TableError::MissingSystemRule(r)) if r.event == Event::OfferTimeout)
+        );
     }
 }

@@ -192,11 +192,8 @@ impl Queue {
         }
         let priority = key.priority() as usize;
         let higher: u32 = self.per_priority[priority + 1..].iter().sum();
-        let is_last_of_priority = self
-            .waiting
-            .range((Bound::Excluded(key), Bound::Unbounded))
-            .next()
-            .is_none_or(|(next, _)| next.rank != key.rank);
+        let is_last_of_priority =
+            self.waiting.range((Bound::Excluded(key), Bound::Unbounded)).next().is_none_or(|(next, _)| next.rank != key.rank);
         let within = if is_last_of_priority {
             self.per_priority[priority]
         } else {

@@ -224,7 +224,7 @@ pub struct OpenRange {
     pub weekday: u8,
     /// First open minute of the day, 0..1440.
     pub start_minute: u16,
-    /// First closed minute after it, start_minute+1..=1440.
+    /// First closed minute after it, `start_minute + 1..=1440`.
     pub end_minute: u16,
 }
 
@@ -254,7 +254,7 @@ impl BusinessHours {
 
     /// True when open at `now_ms` (Unix time in milliseconds).
     pub fn is_open(&self, now_ms: u64) -> bool {
-        let local_minutes = (now_ms / 60_000) as i64 + i64::from(self.utc_offset_minutes);
+        let local_minutes = i64::try_from(now_ms / 60_000).unwrap_or(i64::MAX - 1440) + i64::from(self.utc_offset_minutes);
         let day = local_minutes.div_euclid(1440);
         let minute = local_minutes.rem_euclid(1440) as u16;
         // 1970-01-01 was a Thursday (weekday 3 counting from Monday = 0).
@@ -454,9 +454,7 @@ mod tests {
         let s = Text::from("s");
         let info = conv(&s, &[], None);
         let view = AgentsView::new(&table, &keys);
-        let picks: String = (0..7)
-            .map(|_| table.get(wrr.pick(&info, &view, 0).unwrap()).unwrap().id().to_string())
-            .collect();
+        let picks: String = (0..7).map(|_| table.get(wrr.pick(&info, &view, 0).unwrap()).unwrap().id().to_string()).collect();
         // nginx's documented sequence for weights {5, 1, 1}.
         assert_eq!(picks, "aabacaa");
     }
@@ -527,8 +525,8 @@ mod tests {
         }
         assert_eq!(variant_for("x", [0u32, 0].into_iter()), None);
         // Pinned: the group of a conversation must survive restarts and upgrades.
-        assert_eq!(stable_hash(b""), 0xefd01f60ba992926, "stable_hash changed: A/B groups would move");
-        assert_eq!(stable_hash(b"conv-1"), 0x3b76c2cb91b6a2d7, "stable_hash changed: A/B groups would move");
+        assert_eq!(stable_hash(b""), 0xefd0_1f60_ba99_2926, "stable_hash changed: A/B groups would move");
+        assert_eq!(stable_hash(b"conv-1"), 0x3b76_c2cb_91b6_a2d7, "stable_hash changed: A/B groups would move");
     }
 
     #[test]
