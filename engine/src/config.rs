@@ -44,6 +44,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How long a graceful shutdown may take to flush queued output, in milliseconds.
     pub shutdown_drain_ms: u64,
+    /// How often a busy shard stops running tasks to poll for I/O, in microseconds (glommio's
+    /// preempt timer). glommio polls its rings only when its task queues run dry or this timer
+    /// fires, so under sustained load it bounds how late a ready socket is noticed.
+    pub io_poll_interval_us: u64,
 }
 
 /// Limits on what clients may do and what the engine keeps.
@@ -129,6 +133,7 @@ impl Default for ServerConfig {
             cpus: Vec::new(),
             data_dir: PathBuf::from("./switchboard-data"),
             shutdown_drain_ms: 2_000,
+            io_poll_interval_us: 500,
         }
     }
 }
@@ -278,6 +283,9 @@ impl Config {
         }
         if self.uring.iov_per_send_max == 0 || self.uring.iov_per_send_max > 1024 {
             return invalid("uring.iov_per_send_max", "must be between 1 and 1024 (IOV_MAX)");
+        }
+        if !(50..=100_000).contains(&self.server.io_poll_interval_us) {
+            return invalid("server.io_poll_interval_us", "must be between 50 and 100000");
         }
         if self.server.shards > 256 {
             return invalid("server.shards", "at most 256");

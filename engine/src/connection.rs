@@ -87,8 +87,11 @@ impl Reader {
                 return;
             }
             // A read returns at once while the socket has data, so a busy publisher would keep
-            // the executor to itself: give the flusher (and everyone else) a turn per read.
-            glommio::executor().yield_now().await;
+            // the executor to itself. Yield when the shard's I/O poll interval is up (glommio's
+            // preempt timer): everything queued meanwhile then goes out in one submission, and
+            // other connections get their turn. Yielding after every read instead made sends
+            // small (many syscalls per delivery) and, worse, kept glommio from polling I/O.
+            glommio::yield_if_needed().await;
         }
     }
 

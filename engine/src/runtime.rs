@@ -169,6 +169,7 @@ pub fn start(config: Config) -> Result<EngineHandle, StartError> {
         };
         let thread = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{index}"))
+            .preempt_timer(Duration::from_micros(config.server.io_poll_interval_us))
             .spawn(move || run_shard(wiring))
             .map_err(|error| StartError::Shard { shard: index, reason: error.to_string() })?;
         shard_threads.push(thread);

@@ -9,22 +9,32 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use switchboard_protocol::{ResumeFrom, Text};
 
-/// A message as kept in history: enough to re-encode its DELIVER frame on a resume.
+/// A message as kept in history: its encoded DELIVER frame, ready to replay as is.
+///
+/// One allocation per message holds everything (ids, payload); replay and cross-shard fan-out
+/// share it instead of re-encoding. The sender is found inside the frame for the idempotency
+/// check, so it is not stored twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     /// Position in the session.
     pub seq: u64,
-    /// When the shard accepted it, microseconds since the Unix epoch.
-    pub timestamp_us: u64,
-    /// The publisher's trace id.
-    pub trace_id: u128,
-    /// The participant who sent it (owned copy: history must not pin read buffers).
-    pub sender: Text,
     /// The publisher's idempotency id (0 = none).
     pub client_msg_id: u64,
-    /// The message (owned copy).
-    pub payload: Bytes,
+    /// Where the sender id sits inside `frame` (offset, length).
+    sender_at: (u16, u8),
+    /// The encoded DELIVER frame (correlation 0).
+    pub frame: Bytes,
 }
+
+impl StoredMessage {
+    fn sender(&self) -> &[u8] {
+        let (offset, len) = (usize::from(self.sender_at.0), usize::from(self.sender_at.1));
+        self.frame.get(offset..offset + len).unwrap_or_default()
+    }
+}
+
+/// Encodes the DELIVER frame of a new message; returns it and where its sender id is.
+pub type EncodeDeliver<'a> = &'a mut dyn FnMut(u64, u64) -> (Bytes, (u16, u8));
 
 /// What a PUBLISH did to the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,15 +94,16 @@ impl Session {
 
     /// Appends a message unless (sender, client_msg_id) is already in the window.
     ///
-    /// The idempotency window is the history: a repeat older than that is appended again, as
-    /// documented in PROTOCOL.md.
-    pub fn publish(&mut self, now_us: u64, trace_id: u128, sender: &Text, client_msg_id: u64, payload: &[u8]) -> PublishOutcome {
+    /// `encode(epoch, seq)` builds the message's DELIVER frame; it is called only for a new
+    /// message. The idempotency window is the history: a repeat older than that is appended
+    /// again, as documented in PROTOCOL.md.
+    pub fn publish(&mut self, sender: &str, client_msg_id: u64, encode: EncodeDeliver<'_>) -> PublishOutcome {
         if client_msg_id != 0 {
             if let Some(original) = self
                 .history
                 .iter()
                 .rev()
-                .find(|message| message.client_msg_id == client_msg_id && message.sender == *sender)
+                .find(|message| message.client_msg_id == client_msg_id && message.sender() == sender.as_bytes())
             {
                 return PublishOutcome::Duplicate(original.seq);
             }
@@ -101,14 +112,8 @@ impl Session {
         if self.history.len() == self.history_messages_max {
             self.history.pop_front();
         }
-        self.history.push_back(StoredMessage {
-            seq: self.head_seq,
-            timestamp_us: now_us,
-            trace_id,
-            sender: Text::from(sender.as_str()),
-            client_msg_id,
-            payload: Bytes::copy_from_slice(payload),
-        });
+        let (frame, sender_at) = encode(self.epoch, self.head_seq);
+        self.history.push_back(StoredMessage { seq: self.head_seq, client_msg_id, sender_at, frame });
         PublishOutcome::Appended(self.head_seq)
     }
 
@@ -162,10 +167,15 @@ impl Session {
 mod tests {
     use super::*;
 
+    /// A stand-in encoder: the frame is "sender|epoch|seq", the sender at offset 0.
+    fn encoder(sender: &'static str) -> impl FnMut(u64, u64) -> (Bytes, (u16, u8)) {
+        move |epoch, seq| (Bytes::from(format!("{sender}|{epoch}|{seq}")), (0, sender.len() as u8))
+    }
+
     fn session_with(count: u64, history: usize) -> Session {
         let mut session = Session::new(7, history);
-        for index in 0..count {
-            session.publish(index, 0, &Text::from("alice"), 0, b"m");
+        for _ in 0..count {
+            session.publish("alice", 0, &mut encoder("alice"));
         }
         session
     }
@@ -175,17 +185,18 @@ mod tests {
         let session = session_with(10, 4);
         assert_eq!(session.head_seq(), 10);
         assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
+        assert_eq!(&session.last().unwrap().frame[..], b"alice|7|10");
     }
 
     #[test]
     fn duplicate_client_msg_id_returns_the_original_seq() {
         let mut session = Session::new(1, 8);
-        let alice = Text::from("alice");
-        assert_eq!(session.publish(0, 0, &alice, 42, b"a"), PublishOutcome::Appended(1));
-        assert_eq!(session.publish(0, 0, &alice, 43, b"b"), PublishOutcome::Appended(2));
-        assert_eq!(session.publish(0, 0, &alice, 42, b"a"), PublishOutcome::Duplicate(1));
+        assert_eq!(session.publish("alice", 42, &mut encoder("alice")), PublishOutcome::Appended(1));
+        assert_eq!(session.publish("alice", 43, &mut encoder("alice")), PublishOutcome::Appended(2));
+        let mut never = |_: u64, _: u64| -> (Bytes, (u16, u8)) { panic!("a duplicate is not encoded") };
+        assert_eq!(session.publish("alice", 42, &mut never), PublishOutcome::Duplicate(1));
         // The same id from another sender is another message.
-        assert_eq!(session.publish(0, 0, &Text::from("bob"), 42, b"c"), PublishOutcome::Appended(3));
+        assert_eq!(session.publish("bob", 42, &mut encoder("bob")), PublishOutcome::Appended(3));
         assert_eq!(session.head_seq(), 3);
     }
 

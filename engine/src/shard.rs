@@ -25,7 +25,7 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use switchboard_protocol::{
     Deliver, Durability, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
-    Typing,
+    Typing, HEADER_BYTES,
 };
 
 use crate::config::Config;
@@ -618,7 +618,22 @@ impl Shard {
             drop(state);
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
         };
-        let outcome = owned.session.publish(Self::now_us(), trace_id, sender, client_msg_id, payload);
+        let timestamp_us = Self::now_us();
+        let mut encode = |epoch: u64, seq: u64| {
+            let frame = Frame::Deliver(Deliver {
+                session: key.session.clone(),
+                epoch,
+                seq,
+                timestamp_us,
+                trace_id,
+                sender: sender.clone(),
+                payload: payload.clone(),
+            });
+            // The sender id sits after the header, the session id and four fixed fields.
+            let sender_offset = HEADER_BYTES + 1 + key.session.len() + 8 + 8 + 8 + 16 + 1;
+            (self.encode_heap(&frame, 0), (sender_offset as u16, sender.len() as u8))
+        };
+        let outcome = owned.session.publish(sender.as_str(), client_msg_id, &mut encode);
         let epoch = owned.session.epoch();
         let (seq, duplicate) = match outcome {
             PublishOutcome::Appended(seq) => (seq, false),
@@ -628,43 +643,49 @@ impl Shard {
             None
         } else {
             let message = owned.session.last().expect("a message was just appended");
-            let frame = Frame::Deliver(Deliver {
-                session: key.session.clone(),
-                epoch,
-                seq,
-                timestamp_us: message.timestamp_us,
-                trace_id,
-                sender: message.sender.clone(),
-                payload: message.payload.clone(),
-            });
-            Some((frame, owned.interest))
+            Some((message.frame.clone(), owned.interest))
         };
         drop(state);
         if let Some((frame, interest)) = fanout {
             self.count(|c| c.publishes_total += 1);
             let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
-            self.fanout(key, interest, &frame, ingress_raw);
+            self.fanout_encoded(key, interest, frame, ingress_raw);
         } else {
             self.count(|c| c.publishes_duplicate_total += 1);
         }
         self.reply(origin, Event::PubAck { conn, correlation, session: key.session.clone(), client_msg_id, epoch, seq, duplicate });
     }
 
-    /// Sends a frame to every subscriber of `key`: encoded once into a pool buffer for this
-    /// shard's connections and once into shared bytes for all other interested shards.
+    /// Sends a frame to every subscriber of `key`.
     fn fanout(&self, key: &SessionKey, interest: ShardSet, frame: &Frame, ingress_raw: u64) {
-        if interest.contains(self.index) {
-            let out = self.encode(frame, 0);
-            self.local_fanout(key, &out, ingress_raw);
-        }
+        self.fanout_encoded(key, interest, self.encode_heap(frame, 0), ingress_raw);
+    }
+
+    /// Sends an encoded frame to every subscriber of `key`: copied once into a pool buffer
+    /// queued on each of this shard's subscribers, and shared as is with every other shard
+    /// that has subscribers (which queues it on each of theirs).
+    fn fanout_encoded(&self, key: &SessionKey, interest: ShardSet, frame: Bytes, ingress_raw: u64) {
         let mut remote = interest;
         remote.remove(self.index);
-        if remote != ShardSet::default() {
-            let bytes = self.encode_heap(frame, 0);
-            for peer in remote.iter() {
-                if let Some(link) = &self.events_out[peer] {
-                    link.push(Event::Fanout { key: key.clone(), frame: bytes.clone(), ingress_raw });
-                }
+        for peer in remote.iter() {
+            if let Some(link) = &self.events_out[peer] {
+                link.push(Event::Fanout { key: key.clone(), frame: frame.clone(), ingress_raw });
+            }
+        }
+        if interest.contains(self.index) {
+            let out = self.to_pool(frame);
+            self.local_fanout(key, &out, ingress_raw);
+        }
+    }
+
+    /// Copies an encoded frame into a pool buffer (the I/O side's memory); keeps the heap
+    /// buffer when the pool is exhausted (counted).
+    fn to_pool(&self, frame: Bytes) -> OutBuf {
+        match self.pool.lease_copy(&frame) {
+            Ok(lease) => OutBuf::Pooled(lease),
+            Err(_) => {
+                self.count(|c| c.pool_fallbacks_total += 1);
+                OutBuf::Heap(frame)
             }
         }
     }
@@ -701,22 +722,7 @@ impl Shard {
         };
         owned.interest.insert(origin);
         let plan = owned.session.plan_resume(from);
-        let replay: Vec<Bytes> = owned
-            .session
-            .replay(plan.replay_from_seq)
-            .map(|message| {
-                let frame = Frame::Deliver(Deliver {
-                    session: key.session.clone(),
-                    epoch: plan.epoch,
-                    seq: message.seq,
-                    timestamp_us: message.timestamp_us,
-                    trace_id: message.trace_id,
-                    sender: message.sender.clone(),
-                    payload: message.payload.clone(),
-                });
-                self.encode_heap(&frame, 0)
-            })
-            .collect();
+        let replay: Vec<Bytes> = owned.session.replay(plan.replay_from_seq).map(|message| message.frame.clone()).collect();
         drop(state);
         self.reply(origin, Event::Subscribed { conn, correlation, key, plan, replay });
     }
@@ -776,7 +782,10 @@ impl Shard {
                 self.send_frame(conn, &frame, correlation);
             }
             Event::Subscribed { conn, correlation, key, plan, replay } => self.subscribed(conn, correlation, key, &plan, replay),
-            Event::Fanout { key, frame, ingress_raw } => self.local_fanout(&key, &OutBuf::Heap(frame), ingress_raw),
+            Event::Fanout { key, frame, ingress_raw } => {
+                let out = self.to_pool(frame);
+                self.local_fanout(&key, &out, ingress_raw);
+            }
             Event::Failed { conn, correlation, code, message } => self.fail_request(conn, correlation, code, message),
             Event::Done { conn, correlation } => self.send_frame(conn, &Frame::Success(Success {}), correlation),
         }
@@ -811,7 +820,7 @@ impl Shard {
         });
         self.send_frame(conn, &frame, correlation);
         for frame in replay {
-            if !self.send_buf(conn, OutBuf::Heap(frame)) {
+            if !self.send_buf(conn, self.to_pool(frame)) {
                 break;
             }
         }

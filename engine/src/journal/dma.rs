@@ -9,8 +9,10 @@
 //! from); that copy is a few KiB per commit, small beside the fdatasync it precedes.
 //! Directory listing uses `std::fs` (blocking): it happens at open and in the retention pass only.
 
+use std::cell::Cell;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 use glommio::io::{DmaFile, OpenOptions};
@@ -19,18 +21,65 @@ use super::storage::{Storage, StorageFile};
 
 /// Largest single read issued (recovery reads whole segments in pieces of this size).
 const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Chunks of one read in flight at once.
+const READS_IN_FLIGHT_MAX: usize = 4;
+
+/// Polls every future until all are done; results in order.
+async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(move |cx| {
+        let mut pending = false;
+        for (f, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(out.iter_mut().map(|o| o.take().expect("ready")).collect())
+        }
+    })
+    .await
+}
 
 /// A journal directory on a real file system.
 #[derive(Debug, Clone)]
 pub struct DmaStorage {
     dir: PathBuf,
+    probed: Rc<Cell<bool>>,
 }
+
+/// Name of the file used to settle glommio's poll-ring probe (ends in `.tmp`: recovery removes
+/// a leftover).
+const PROBE_NAME: &str = "iopoll-probe.tmp";
 
 impl DmaStorage {
     /// Uses `dir`, creating it if needed.
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
-        Ok(Self { dir: dir.as_ref().to_path_buf() })
+        Ok(Self { dir: dir.as_ref().to_path_buf(), probed: Rc::new(Cell::new(false)) })
+    }
+
+    /// glommio decides once per device and thread whether reads may use the poll ring
+    /// (IOPOLL), by reading the first block of the first direct-I/O file opened there. If that
+    /// file is empty (a new segment), the read ends at EOF without reaching the device, the
+    /// probe wrongly says yes, and every later read on the device fails with EOPNOTSUPP (seen
+    /// here on virtio disks). So before anything else, open a file that has a block in it.
+    async fn settle_probe(&self) -> io::Result<()> {
+        if self.probed.replace(true) {
+            return Ok(());
+        }
+        let path = self.dir.join(PROBE_NAME);
+        std::fs::write(&path, vec![0u8; 4096])?;
+        let file = OpenOptions::new().read(true).dma_open(&path).await;
+        let _ = std::fs::remove_file(&path);
+        file?.close().await?;
+        Ok(())
     }
 
     /// The directory.
@@ -49,11 +98,13 @@ impl Storage for DmaStorage {
     type File = DmaStorageFile;
 
     async fn open(&self, name: &str) -> io::Result<DmaStorageFile> {
+        self.settle_probe().await?;
         let file = OpenOptions::new().read(true).write(true).dma_open(self.dir.join(name)).await?;
         Ok(DmaStorageFile { file })
     }
 
     async fn create(&self, name: &str, len_bytes: u64) -> io::Result<DmaStorageFile> {
+        self.settle_probe().await?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -63,7 +114,11 @@ impl Storage for DmaStorage {
         if len_bytes > 0 {
             // keep_size = false: the file is `len_bytes` long at once, so writes inside it
             // never change its size (fdatasync then has less metadata to flush).
-            file.pre_allocate(len_bytes, false).await?;
+            if let Err(e) = file.pre_allocate(len_bytes, false).await {
+                let _ = file.close().await;
+                let _ = std::fs::remove_file(self.dir.join(name));
+                return Err(e.into());
+            }
         }
         Ok(DmaStorageFile { file })
     }
@@ -106,18 +161,31 @@ impl Storage for DmaStorage {
 
 impl StorageFile for DmaStorageFile {
     async fn read_at(&self, pos: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(len);
-        while out.len() < len {
-            let want = (len - out.len()).min(READ_CHUNK_BYTES);
-            let r = self.file.read_at(pos + out.len() as u64, want).await?;
-            if r.is_empty() {
-                break;
+        // Large reads (recovery reads whole segments) go out as chunks, up to
+        // READS_IN_FLIGHT_MAX at a time: one 4 MiB request at a time leaves the device idle
+        // between requests.
+        let mut out = vec![0u8; len];
+        let mut filled = 0usize;
+        let chunks: Vec<usize> = (0..len).step_by(READ_CHUNK_BYTES).collect();
+        for group in chunks.chunks(READS_IN_FLIGHT_MAX) {
+            let reads = group.iter().map(|&at| {
+                let want = (len - at).min(READ_CHUNK_BYTES);
+                async move { self.file.read_at(pos + at as u64, want).await.map(|r| (at, want, r)) }
+            });
+            let mut short = false;
+            for res in join_all(reads.collect()).await {
+                let (at, want, r) = res?;
+                out[at..at + r.len()].copy_from_slice(&r);
+                if at == filled {
+                    filled += r.len();
+                }
+                short |= r.len() < want;
             }
-            out.extend_from_slice(&r);
-            if r.len() < want {
+            if short {
                 break;
             }
         }
+        out.truncate(filled);
         Ok(out)
     }
 

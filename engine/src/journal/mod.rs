@@ -136,6 +136,9 @@ impl JournalConfig {
         if self.segment_bytes < SEGMENT_HEADER_BYTES as u64 + format::align_up(self.frame_bytes_max as usize) as u64 + block {
             return bad("segment_bytes too small for frame_bytes_max");
         }
+        if self.segment_bytes > u64::from(u32::MAX) {
+            return bad("segment_bytes must be below 4 GiB (index offsets are 32-bit)");
+        }
         if self.write_bytes_max < self.frame_bytes_max {
             return bad("write_bytes_max must be at least frame_bytes_max");
         }

@@ -154,6 +154,8 @@ pub(super) struct State<F> {
     spare: Vec<Vec<u8>>,
     write_buf: Vec<u8>,
     unsynced_bytes: u64,
+    /// When the oldest unsynced write completed (interval mode's time bound).
+    unsynced_since: Option<std::time::Instant>,
     sync_requested: bool,
     /// `close` was called: appends are refused, the committer drains.
     closing: bool,
@@ -216,6 +218,7 @@ impl<F> State<F> {
             spare: Vec::new(),
             write_buf: Vec::new(),
             unsynced_bytes: 0,
+            unsynced_since: None,
             sync_requested: false,
             closing: false,
             generation: 0,
@@ -421,15 +424,21 @@ impl<S: Storage> Journal<S> {
             Health::NoSpace => return Work::Wait,
             Health::Healthy => {}
         }
+        let unsynced = st.written.position > st.synced.position;
+        let interval = Duration::from_millis(cfg.interval_ms);
+        if unsynced && st.unsynced_since.is_some_and(|t| t.elapsed() >= interval) {
+            // Under steady interval-mode load the byte budget may never fill: bound the time.
+            return Work::Sync;
+        }
         if !st.pending.is_empty() {
             return Work::Commit;
         }
-        let unsynced = st.written.position > st.synced.position;
         if unsynced && (st.sync_requested || st.unsynced_bytes >= cfg.interval_bytes) {
             return Work::Sync;
         }
         if unsynced {
-            return Work::WaitOrSyncAfter(Duration::from_millis(cfg.interval_ms));
+            let waited = st.unsynced_since.map_or(Duration::ZERO, |t| t.elapsed());
+            return Work::WaitOrSyncAfter(interval.saturating_sub(waited));
         }
         Work::Wait
     }
@@ -520,6 +529,7 @@ impl<S: Storage> Journal<S> {
             }
             st.written = WritePoint { position: end, segment: st.written.segment, offset: offset + len as u64, prev_crc: crc };
             st.unsynced_bytes += len as u64;
+            st.unsynced_since.get_or_insert_with(std::time::Instant::now);
             st.stats.commits += 1;
             st.stats.bytes_written += len as u64;
             for (conv, e) in entries {
@@ -553,6 +563,7 @@ impl<S: Storage> Journal<S> {
                 }
                 if st.written == target {
                     st.unsynced_bytes = 0;
+                    st.unsynced_since = None;
                     st.sync_requested = false;
                 }
                 st.wake_all();
@@ -612,6 +623,7 @@ impl<S: Storage> Journal<S> {
                     st.stats.fdatasyncs += 1;
                     st.synced = st.written;
                     st.unsynced_bytes = 0;
+                    st.unsynced_since = None;
                     st.segments.get_mut(&base).expect("active").sealed = true;
                     st.active = None;
                     st.wake_all();
