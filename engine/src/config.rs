@@ -187,7 +187,10 @@ impl Default for PoolConfig {
 
 impl Default for UringConfig {
     fn default() -> Self {
-        UringConfig { ring_entries: 1024, iov_per_send_max: 64 }
+        // 512 buffers of a 128 B chat message are 64 KiB per sendmsg: large enough that one
+        // submission per loop turn keeps up with a busy gateway connection (64 capped a
+        // connection at 64 frames per turn and cut busy publishers off as slow consumers).
+        UringConfig { ring_entries: 1024, iov_per_send_max: 512 }
     }
 }
 
