@@ -42,9 +42,10 @@ pub struct SessionKey {
 }
 
 impl SessionKey {
-    /// A key whose strings own their memory (so it does not pin a read buffer).
+    /// A key whose session id owns its memory (so it does not pin a read buffer). The tenant
+    /// is shared as is: connections hold one tenant `Text` each, never a read-buffer slice.
     pub fn owned(tenant: &Text, session: &Text) -> SessionKey {
-        SessionKey { tenant: Text::from(tenant.as_str()), session: Text::from(session.as_str()) }
+        SessionKey { tenant: tenant.clone(), session: Text::from(session.as_str()) }
     }
 
     /// The shard that owns this session: `hash(tenant, session) % shards`.
