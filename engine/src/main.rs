@@ -23,6 +23,26 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (defaults, file, flags) as TOML and exit.
     Config(ServeArgs),
+    /// Read a shard's journal directory, for operators (the engine does not write the journal
+    /// yet: see the durability issue).
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Print segments, position ranges, checksums and any damage.
+    Inspect {
+        /// The journal directory of one shard.
+        dir: PathBuf,
+    },
+    /// Check every frame and checksum; exit 1 when anything is damaged.
+    Verify {
+        /// The journal directory of one shard.
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -115,6 +135,28 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => serve(&args),
+        Command::Journal { command } => journal(&command),
+    }
+}
+
+fn journal(command: &JournalCommand) -> ExitCode {
+    let (dir, report) = match command {
+        JournalCommand::Inspect { dir } => (dir, switchboard::journal::inspect(dir)),
+        JournalCommand::Verify { dir } => (dir, switchboard::journal::verify(dir)),
+    };
+    match report {
+        Ok(report) => {
+            print!("{report}");
+            if report.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(error) => {
+            eprintln!("switchboard: cannot read journal {}: {error}", dir.display());
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -109,3 +109,16 @@ fn a_silent_connection_gets_goaway_idle_timeout_and_an_active_one_stays() {
     assert!(matches!(frames.last(), Some(Frame::GoAway(g)) if g.reason == GoAwayReason::IdleTimeout), "{frames:?}");
     engine.shutdown();
 }
+
+#[test]
+fn journal_inspect_and_verify_answer_for_operators() {
+    let dir = std::env::temp_dir().join(format!("switchboard-journal-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let verify = Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["journal", "verify"]).arg(&dir).output().unwrap();
+    assert_eq!(verify.status.code(), Some(0), "an empty journal directory verifies");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("OK"));
+    let missing = Command::new(env!("CARGO_BIN_EXE_switchboard")).args(["journal", "inspect"]).arg(dir.join("nope")).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read journal"));
+    std::fs::remove_dir_all(&dir).ok();
+}
