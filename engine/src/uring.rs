@@ -866,7 +866,11 @@ impl UringSender {
             // only polls its own ring (where the eventfd read waits) when its task queues run
             // dry or its preempt timer fires, which a busy shard may not do for up to 100 ms.
             self.reap_completions();
-            if self.flush_turn() {
+            let deferred = self.flush_turn();
+            if self.settle() {
+                self.inner.flush_wake.notify();
+            }
+            if deferred {
                 // A submit failed (EAGAIN/EBUSY: the kernel is short of memory or has
                 // completions to post). Back off briefly on a timer rather than yielding:
                 // glommio 0.9 may park with a yielded task still runnable.
@@ -905,9 +909,33 @@ impl UringSender {
     /// Drains the completion queue once. Returns nothing: it only changes connection states
     /// and wakes the flusher if some became dirty.
     fn reap(&self) {
-        if self.reap_completions() {
+        if self.settle() {
             self.inner.flush_wake.notify();
         }
+    }
+
+    /// Reaps what has completed, then lets the eventfd wake the reaper only while operations
+    /// are still in flight. Sends to sockets with room complete inside `io_uring_enter`, so
+    /// most turns end with nothing in flight: the eventfd then stays quiet instead of costing
+    /// a signal, a completion on glommio's ring and a re-armed read per submission. Returns
+    /// true when some connection became dirty.
+    fn settle(&self) -> bool {
+        let mut dirty = self.reap_completions();
+        let in_flight = self.inner.state.borrow().stats.ops_in_flight > 0;
+        {
+            let mut ring = self.inner.ring.borrow_mut();
+            let (_, _, cq) = ring.split();
+            if in_flight {
+                cq.enable_eventfd();
+            } else {
+                cq.disable_eventfd();
+            }
+        }
+        if in_flight {
+            // A completion posted while notifications were off signalled nothing: look again.
+            dirty |= self.reap_completions();
+        }
+        dirty
     }
 
     /// Drains the completion queue once; true when some connection became dirty.

@@ -263,9 +263,12 @@ fn slow_consumer(send_dontwait: bool) {
         if send_dontwait {
             assert!(st.eagain_total > 0, "MSG_DONTWAIT must have produced EAGAIN: {st:?}");
         }
-        // The owner goes away while a send (or POLLOUT) is parked on the slow reader: close
-        // must unpark it and free the slot.
+        // The owner goes away while a send (or POLLOUT) is parked on the slow reader. The
+        // connection is Closing, so close keeps it to flush its final frame; the owner's
+        // bound on that (abort, after its grace period) must unpark the send and free the slot.
         sender.close(slow);
+        assert_eq!(sender.stats().conns_in_use, 2, "a closing connection keeps flushing after close");
+        sender.abort(slow);
         wait_until("slow slot freed", || sender.stats().conns_in_use == 1).await;
         assert_eq!(sender.stats().ops_in_flight, 0);
         sender.close(fast);
