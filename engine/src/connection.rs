@@ -14,7 +14,7 @@ use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, Welcome, PROTOCOL_VERSION};
 
-use crate::mesh::{ConnId, SessionKey};
+use crate::mesh::{ConnId, PublishRequest, SessionKey};
 use crate::shard::Shard;
 
 /// Bytes read from the socket per call.
@@ -196,9 +196,17 @@ impl Reader {
                     shard.fail_request(conn, correlation, ErrorCode::LimitExceeded, "payload larger than payload_bytes_max");
                     return Flow::Continue;
                 }
-                let ingress_raw = shard.clock().raw();
-                let key = self.key(&publish.session);
-                shard.publish(conn, correlation, key, publish.client_msg_id, publish.trace_id, publish.sender, publish.payload, ingress_raw).await;
+                let request = PublishRequest {
+                    conn,
+                    correlation,
+                    key: self.key(&publish.session),
+                    client_msg_id: publish.client_msg_id,
+                    trace_id: publish.trace_id,
+                    sender: publish.sender,
+                    payload: publish.payload,
+                    ingress_raw: shard.clock().raw(),
+                };
+                shard.publish(request).await;
             }
             Frame::ReadCursor(cursor) => {
                 if let Some(flow) = self.refuse_empty(correlation, &cursor.session) {

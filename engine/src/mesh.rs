@@ -60,28 +60,32 @@ impl SessionKey {
     }
 }
 
+/// A PUBLISH on its way to the session's owner (from this shard or over the mesh).
+#[derive(Debug)]
+pub struct PublishRequest {
+    /// The publishing connection on the origin shard.
+    pub conn: ConnId,
+    /// Its request's correlation id.
+    pub correlation: u32,
+    /// The session.
+    pub key: SessionKey,
+    /// Idempotency id.
+    pub client_msg_id: u64,
+    /// Trace id.
+    pub trace_id: u128,
+    /// Sender participant.
+    pub sender: Text,
+    /// The message (a slice of the origin's read buffer; the owner encodes it into history).
+    pub payload: Bytes,
+    /// When the origin decoded it (`quanta` raw clock), for latency.
+    pub ingress_raw: u64,
+}
+
 /// Origin shard → owner shard.
 #[derive(Debug)]
 pub enum Request {
     /// Append a message.
-    Publish {
-        /// The publishing connection on the origin shard.
-        conn: ConnId,
-        /// Its request's correlation id.
-        correlation: u32,
-        /// The session.
-        key: SessionKey,
-        /// Idempotency id.
-        client_msg_id: u64,
-        /// Trace id.
-        trace_id: u128,
-        /// Sender participant.
-        sender: Text,
-        /// The message (a slice of the origin's read buffer; the owner copies it into history).
-        payload: Bytes,
-        /// When the origin decoded it (`quanta` raw clock), for latency.
-        ingress_raw: u64,
-    },
+    Publish(PublishRequest),
     /// Start a subscription; the owner replies with [`Event::Subscribed`].
     Subscribe {
         /// The subscribing connection.

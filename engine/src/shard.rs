@@ -29,7 +29,7 @@ use switchboard_protocol::{
 };
 
 use crate::config::Config;
-use crate::mesh::{ConnId, Event, LinkStats, PeerLink, Request, SessionKey};
+use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
 use crate::pool::BufferPool;
 use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
@@ -523,24 +523,12 @@ impl Shard {
     }
 
     /// PUBLISH from a local connection.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn publish(
-        &self,
-        conn: ConnId,
-        correlation: u32,
-        key: SessionKey,
-        client_msg_id: u64,
-        trace_id: u128,
-        sender: Text,
-        payload: Bytes,
-        ingress_raw: u64,
-    ) {
-        let owner = key.shard(self.shards);
+    pub(crate) async fn publish(&self, request: PublishRequest) {
+        let owner = request.key.shard(self.shards);
         if owner == self.index {
-            self.owner_publish(self.index, conn, correlation, &key, client_msg_id, trace_id, &sender, &payload, ingress_raw);
+            self.owner_publish(self.index, &request);
         } else {
-            let request = Request::Publish { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw };
-            self.request(owner, request).await;
+            self.request(owner, Request::Publish(request)).await;
         }
     }
 
@@ -600,19 +588,8 @@ impl Shard {
         state.sessions.get_mut(key)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn owner_publish(
-        &self,
-        origin: usize,
-        conn: ConnId,
-        correlation: u32,
-        key: &SessionKey,
-        client_msg_id: u64,
-        trace_id: u128,
-        sender: &Text,
-        payload: &Bytes,
-        ingress_raw: u64,
-    ) {
+    fn owner_publish(&self, origin: usize, request: &PublishRequest) {
+        let PublishRequest { conn, correlation, ref key, client_msg_id, trace_id, ref sender, ref payload, ingress_raw } = *request;
         let mut state = self.state.borrow_mut();
         let Some(owned) = self.session_mut(&mut state, key) else {
             drop(state);
@@ -759,9 +736,7 @@ impl Shard {
     /// Handles one request from `origin`'s ring. May wait for room on the event link back.
     pub(crate) async fn handle_request(&self, origin: usize, request: Request) {
         match request {
-            Request::Publish { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw } => {
-                self.owner_publish(origin, conn, correlation, &key, client_msg_id, trace_id, &sender, &payload, ingress_raw);
-            }
+            Request::Publish(request) => self.owner_publish(origin, &request),
             Request::Subscribe { conn, correlation, key, from } => self.owner_subscribe(origin, conn, correlation, key, from),
             Request::Uninterest { key } => self.owner_uninterest(origin, &key),
             Request::ReadCursor { conn, correlation, key, participant, seq } => {

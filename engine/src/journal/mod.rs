@@ -19,7 +19,7 @@
 //! - [`inspect`]: `switchboard journal inspect|verify DIR`.
 //!
 //! Shard usage (all on the shard's executor):
-//! ```ignore
+//! ```text
 //! let (journal, report) = Journal::open(DmaStorage::new(dir)?, shard, cfg).await?;
 //! if report.acked_may_be_missing { /* sessions resume with recovered = false */ }
 //! glommio::spawn_local({ let j = journal.clone(); async move { j.run_committer().await } }).detach();
