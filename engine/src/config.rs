@@ -26,6 +26,45 @@ pub struct Config {
     pub pool: PoolConfig,
     /// The per-shard io_uring sender.
     pub uring: UringConfig,
+    /// Tenants and their token keys. None configured: the engine runs open (one tenant,
+    /// `default`, tokens not checked).
+    pub tenants: Vec<TenantConfig>,
+    /// Token verification.
+    pub auth: AuthConfig,
+}
+
+/// One tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// The tenant id (the `tenant` claim of its tokens).
+    pub id: String,
+    /// Keys its tokens may be signed with (HS256); several at once for rotation by `kid`.
+    pub keys: Vec<TenantKeyConfig>,
+}
+
+/// One HS256 signing key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantKeyConfig {
+    /// Key id, matched against the token header's `kid`; unique across tenants.
+    pub kid: String,
+    /// The shared secret (at least 32 bytes).
+    pub secret: String,
+}
+
+/// Token verification settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clock skew tolerated on `exp`, in seconds.
+    pub leeway_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { leeway_s: 5 }
+    }
 }
 
 /// Where the engine listens and how it is laid out on the machine.
@@ -202,6 +241,8 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             pool: PoolConfig::default(),
             uring: UringConfig::default(),
+            tenants: Vec::new(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -289,6 +330,23 @@ impl Config {
         }
         if !(50..=100_000).contains(&self.server.io_poll_interval_us) {
             return invalid("server.io_poll_interval_us", "must be between 50 and 100000");
+        }
+        let mut kids = std::collections::HashSet::new();
+        for tenant in &self.tenants {
+            if tenant.id.is_empty() || tenant.id.len() > switchboard_protocol::limits::ID_BYTES_MAX {
+                return invalid("tenants.id", "must be 1 to 128 bytes");
+            }
+            if tenant.keys.is_empty() {
+                return invalid("tenants.keys", "every tenant needs at least one key");
+            }
+            for key in &tenant.keys {
+                if key.secret.len() < 32 {
+                    return invalid("tenants.keys.secret", "must be at least 32 bytes");
+                }
+                if !kids.insert(key.kid.as_str()) {
+                    return invalid("tenants.keys.kid", "must be unique across tenants");
+                }
+            }
         }
         if self.server.shards > 256 {
             return invalid("server.shards", "at most 256");

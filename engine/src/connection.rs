@@ -14,13 +14,12 @@ use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
 use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, Welcome, PROTOCOL_VERSION};
 
+use crate::auth::{Identity, Role, OPEN_TENANT};
 use crate::mesh::{ConnId, PublishRequest, SessionKey};
 use crate::shard::Shard;
 
 /// Bytes read from the socket per call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
-/// The tenant every connection belongs to until per-tenant auth lands (issue 5).
-const DEFAULT_TENANT: Text = Text::from_static("default");
 
 /// Serves one accepted connection until it closes.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
@@ -30,7 +29,14 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         refuse_overloaded(&shard, stream);
         return;
     };
-    let mut reader = Reader { shard: shard.clone(), conn, stream, buffer: BytesMut::with_capacity(READ_CHUNK_BYTES), scratch: vec![0; READ_CHUNK_BYTES] };
+    let mut reader = Reader {
+        shard: shard.clone(),
+        conn,
+        stream,
+        buffer: BytesMut::with_capacity(READ_CHUNK_BYTES),
+        scratch: vec![0; READ_CHUNK_BYTES],
+        tenant: OPEN_TENANT,
+    };
     reader.run().await;
     // Remove before the stream drops: a delayed force-close checks the id before using the fd.
     shard.remove_conn(conn);
@@ -53,6 +59,8 @@ struct Reader {
     stream: TcpStream,
     buffer: BytesMut,
     scratch: Vec<u8>,
+    /// The verified tenant: every session this connection names is scoped to it.
+    tenant: Text,
 }
 
 enum Flow {
@@ -146,16 +154,38 @@ impl Reader {
             self.shard.protocol_error(self.conn, correlation, ErrorCode::UnsupportedVersion, message);
             return false;
         }
-        // Auth (JWT, per-tenant keys) lands with issue 5; until then every connection is the
-        // default tenant and the token is not checked.
-        self.shard.with_conn(self.conn, |entry| entry.tenant = Some(DEFAULT_TENANT));
+        let identity = match &self.shard.auth {
+            None => Identity { tenant: OPEN_TENANT, role: Role::Gateway, subject: hello.client_name.clone(), expires_at_s: None },
+            Some(auth) => match auth.verify(hello.token.as_str()) {
+                Ok(identity) => identity,
+                Err(error) => {
+                    tracing::info!(shard = self.shard.index, conn = self.conn, %error, "HELLO refused");
+                    self.shard.protocol_error(self.conn, correlation, ErrorCode::AuthFailed, error.to_string());
+                    return false;
+                }
+            },
+        };
+        self.tenant = identity.tenant.clone();
+        self.shard.with_conn(self.conn, |entry| entry.tenant = Some(identity.tenant.clone()));
+        if let Some(expires_at_s) = identity.expires_at_s {
+            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let left = Duration::from_secs(expires_at_s.saturating_sub(now_s) + self.shard.config.auth.leeway_s);
+            let (shard, conn) = (self.shard.weak(), self.conn);
+            let expiry = glommio::spawn_local(async move {
+                glommio::timer::Timer::new(left).await;
+                if let Some(shard) = shard.upgrade() {
+                    shard.expire_token(conn);
+                }
+            });
+            self.shard.with_conn(self.conn, |entry| entry.expiry = Some(expiry));
+        }
         let limits = &self.shard.config.limits;
         let welcome = Frame::Welcome(Welcome {
             version: ours,
             features: 0,
             server_name: Text::from_static(concat!("switchboard/", env!("CARGO_PKG_VERSION"))),
             connection_id: self.conn,
-            tenant: DEFAULT_TENANT,
+            tenant: identity.tenant,
             limits: ServerLimits {
                 frame_body_bytes_max: limits.frame_body_bytes_max,
                 payload_bytes_max: limits.payload_bytes_max,
@@ -171,7 +201,7 @@ impl Reader {
     }
 
     fn key(&self, session: &Text) -> SessionKey {
-        SessionKey { tenant: DEFAULT_TENANT, session: session.clone() }
+        SessionKey { tenant: self.tenant.clone(), session: session.clone() }
     }
 
     async fn dispatch(&mut self, correlation: u32, frame: Frame) -> Flow {

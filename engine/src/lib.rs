@@ -25,8 +25,10 @@
 //! - [`pool`]: the per-shard mmap buffer pool with ref-counted leases.
 //! - [`uring`]: the per-shard io_uring sender (batched, ordered, bounded per connection).
 //! - [`control`] and [`metrics`]: the control thread and its Prometheus rendering.
+//! - [`auth`]: tenants and HELLO token verification.
 //! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type.
 
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod control;

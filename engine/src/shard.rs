@@ -76,6 +76,8 @@ pub(crate) struct ConnEntry {
     closing: bool,
     /// Raw clock reading of the last bytes received, for the idle sweep.
     last_read_raw: u64,
+    /// The token-expiry timer; dropped (cancelled) with the connection.
+    pub(crate) expiry: Option<glommio::Task<()>>,
 }
 
 /// Connection ids are handed out by this shard in sequence, never by a peer, so hashing them
@@ -162,6 +164,8 @@ pub struct Shard {
     me: Weak<Shard>,
     /// Fires when the shard must stop.
     pub shutdown: Rc<Latch>,
+    /// Token verification; `None` when no tenant is configured (open mode).
+    pub auth: Option<crate::auth::Authenticator>,
 }
 
 /// What the control thread reads of a shard.
@@ -204,6 +208,7 @@ impl Shard {
         clock: quanta::Clock,
     ) -> Rc<Shard> {
         let limits = switchboard_protocol::Limits { frame_body_bytes_max: config.limits.frame_body_bytes_max };
+        let auth = crate::auth::Authenticator::new(&config.tenants, config.auth.leeway_s);
         Rc::new_cyclic(|me| Shard {
             me: me.clone(),
             index,
@@ -222,6 +227,7 @@ impl Shard {
             next_conn: Cell::new(1),
             fanout_scratch: RefCell::new(Vec::new()),
             shutdown: Rc::new(Latch::default()),
+            auth,
         })
     }
 
@@ -286,7 +292,7 @@ impl Shard {
         };
         let conn = (self.index as u64) << 48 | self.next_conn.get();
         self.next_conn.set(self.next_conn.get() + 1);
-        let entry = ConnEntry { slot, tenant: None, subscriptions: HashSet::new(), closing: false, last_read_raw: self.clock.raw() };
+        let entry = ConnEntry { slot, tenant: None, subscriptions: HashSet::new(), closing: false, last_read_raw: self.clock.raw(), expiry: None };
         self.state.borrow_mut().conns.insert(conn, entry);
         self.count(|c| c.connections_accepted_total += 1);
         Some(conn)
@@ -402,6 +408,21 @@ impl Shard {
             message: Text::from_static("outbound buffer limit exceeded; resume from your last seq"),
         });
         self.close_conn(conn, &frame, 0, Duration::from_millis(self.config.limits.slow_consumer_close_ms));
+    }
+
+    /// GOAWAY(auth expired) to a connection whose token has expired, if it is still open.
+    pub(crate) fn expire_token(&self, conn: ConnId) {
+        let frame = Frame::GoAway(GoAway {
+            reason: GoAwayReason::AuthExpired,
+            reconnect_after_ms: 0,
+            message: Text::from_static("token expired; reconnect with a fresh one"),
+        });
+        self.close_conn(conn, &frame, 0, Duration::from_millis(self.config.limits.slow_consumer_close_ms));
+    }
+
+    /// A weak handle, for timers that must not keep the shard alive.
+    pub(crate) fn weak(&self) -> Weak<Shard> {
+        self.me.clone()
     }
 
     /// GOAWAY(shutdown) to every connection.

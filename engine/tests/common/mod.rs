@@ -91,6 +91,11 @@ impl Raw {
         self.try_recv().expect("connection closed while a frame was expected")
     }
 
+    /// The next frame; panics on EOF.
+    pub fn recv_until_closed_or_first(&mut self) -> Frame {
+        self.recv().frame
+    }
+
     /// Reads until EOF, returning every frame seen.
     pub fn recv_until_closed(&mut self) -> Vec<Frame> {
         let mut frames = Vec::new();

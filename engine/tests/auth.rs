@@ -1,0 +1,126 @@
+//! Tenants and JWT authentication: refused tokens get ERROR(AuthFailed) and a close, key
+//! rotation by `kid` works, a token expiring on a live connection gets GOAWAY(auth expired),
+//! and two tenants using the same session id never see each other's messages.
+
+mod common;
+
+use common::Raw;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use switchboard::config::{TenantConfig, TenantKeyConfig};
+use switchboard_protocol::{ErrorCode, Frame, GoAwayReason, Hello, ResumeFrom, Text};
+
+const ACME_OLD: &str = "acme-old-secret-0123456789abcdef0123";
+const ACME_NEW: &str = "acme-new-secret-0123456789abcdef0123";
+const GLOBEX: &str = "globex-secret-0123456789abcdef012345";
+
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    tenant: &'a str,
+    role: &'a str,
+    sub: &'a str,
+    exp: u64,
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn token(kid: &str, secret: &str, tenant: &str, exp: u64) -> String {
+    let header = Header { kid: Some(kid.into()), ..Header::new(Algorithm::HS256) };
+    jsonwebtoken::encode(&header, &Claims { tenant, role: "gateway", sub: "gw-1", exp }, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+fn engine(shards: usize) -> switchboard::EngineHandle {
+    let mut config = common::test_config(shards);
+    let key = |kid: &str, secret: &str| TenantKeyConfig { kid: kid.into(), secret: secret.into() };
+    config.tenants = vec![
+        TenantConfig { id: "acme".into(), keys: vec![key("acme-1", ACME_OLD), key("acme-2", ACME_NEW)] },
+        TenantConfig { id: "globex".into(), keys: vec![key("globex-1", GLOBEX)] },
+    ];
+    config.auth.leeway_s = 0;
+    common::start(config)
+}
+
+/// Sends HELLO with `token`; returns the WELCOME's tenant, or the ERROR after which the
+/// connection closed.
+fn hello(raw: &mut Raw, token: &str) -> Result<String, switchboard_protocol::ErrorFrame> {
+    raw.send(&Frame::Hello(Hello { version_max: 1, version_min: 1, features: 0, client_name: "t".into(), token: Text::from(token) }));
+    let frames = raw.recv_until_closed_or_first();
+    match frames {
+        Frame::Welcome(welcome) => Ok(welcome.tenant.to_string()),
+        Frame::Error(error) => {
+            assert!(raw.recv_until_closed().is_empty(), "the connection closes after ERROR");
+            Err(error)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn bad_tokens_are_refused_and_good_ones_name_their_tenant() {
+    let engine = engine(2);
+    let addr = engine.data_addr();
+    let later = now_s() + 3600;
+    let refused = [
+        ("no token", String::new()),
+        ("not a JWT", "garbage".to_owned()),
+        ("unknown kid", token("nope", ACME_OLD, "acme", later)),
+        ("wrong secret", token("acme-1", GLOBEX, "acme", later)),
+        ("expired", token("acme-1", ACME_OLD, "acme", now_s() - 60)),
+        ("tenant claim of another tenant", token("acme-1", ACME_OLD, "globex", later)),
+    ];
+    for (what, bad) in refused {
+        let mut raw = Raw::connect(addr);
+        let error = hello(&mut raw, &bad).expect_err(what);
+        assert_eq!(ErrorCode::from_u16(error.code), ErrorCode::AuthFailed, "{what}: {}", error.message);
+    }
+    // Both keys of a tenant work during a rotation.
+    for kid_secret in [("acme-1", ACME_OLD), ("acme-2", ACME_NEW)] {
+        let mut raw = Raw::connect(addr);
+        assert_eq!(hello(&mut raw, &token(kid_secret.0, kid_secret.1, "acme", later)).unwrap(), "acme");
+    }
+    let mut raw = Raw::connect(addr);
+    assert_eq!(hello(&mut raw, &token("globex-1", GLOBEX, "globex", later)).unwrap(), "globex");
+    engine.shutdown();
+}
+
+#[test]
+fn tenants_never_see_each_others_sessions() {
+    for shards in [1, 3] {
+        let engine = engine(shards);
+        let addr = engine.data_addr();
+        let later = now_s() + 3600;
+        let connect = |kid: &str, secret: &str, tenant: &str| {
+            let mut raw = Raw::connect(addr);
+            hello(&mut raw, &token(kid, secret, tenant, later)).unwrap();
+            raw
+        };
+        let mut acme_sub = connect("acme-1", ACME_OLD, "acme");
+        let mut globex_sub = connect("globex-1", GLOBEX, "globex");
+        acme_sub.subscribe("conv-1", ResumeFrom::Live);
+        globex_sub.subscribe("conv-1", ResumeFrom::Live);
+        let mut acme_pub = connect("acme-2", ACME_NEW, "acme");
+        let mut globex_pub = connect("globex-1", GLOBEX, "globex");
+        assert_eq!(acme_pub.publish("conv-1", 0, b"acme secret").seq, 1);
+        assert_eq!(globex_pub.publish("conv-1", 0, b"globex secret").seq, 1, "separate sessions, separate seqs");
+        assert_eq!(&acme_sub.deliver().payload[..], b"acme secret");
+        assert_eq!(&globex_sub.deliver().payload[..], b"globex secret");
+        // Neither got the other's message: the next frame each sees is its own tenant's PONG.
+        for raw in [&mut acme_sub, &mut globex_sub] {
+            let correlation = raw.send(&Frame::Ping(switchboard_protocol::Ping { nonce: 1 }));
+            let next = raw.recv();
+            assert_eq!((next.correlation, matches!(next.frame, Frame::Pong(_))), (correlation, true), "{:?}", next.frame);
+        }
+        engine.shutdown();
+    }
+}
+
+#[test]
+fn a_token_expiring_on_a_live_connection_gets_goaway_auth_expired() {
+    let engine = engine(1);
+    let mut raw = Raw::connect(engine.data_addr());
+    hello(&mut raw, &token("acme-1", ACME_OLD, "acme", now_s() + 1)).unwrap();
+    let frames = raw.recv_until_closed();
+    assert!(matches!(frames.last(), Some(Frame::GoAway(g)) if g.reason == GoAwayReason::AuthExpired), "{frames:?}");
+    engine.shutdown();
+}
