@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const DELIVER_OVERHEAD_BYTES_MAX: usize = 16 + (1 + 128) + 8 + 8 + 8 + 16 + (1 + 128) + 4;
 
 /// The whole configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Addresses, shards, CPUs, data directory.
@@ -230,20 +230,6 @@ impl Default for UringConfig {
         // submission per loop turn keeps up with a busy gateway connection (64 capped a
         // connection at 64 frames per turn and cut busy publishers off as slow consumers).
         UringConfig { ring_entries: 1024, iov_per_send_max: 512 }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            limits: LimitsConfig::default(),
-            mesh: MeshConfig::default(),
-            pool: PoolConfig::default(),
-            uring: UringConfig::default(),
-            tenants: Vec::new(),
-            auth: AuthConfig::default(),
-        }
     }
 }
 

@@ -26,7 +26,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let Some(conn) = shard.add_conn(stream.as_raw_fd()) else {
         // At the connection limit: say so, then close.
-        refuse_overloaded(&shard, stream);
+        refuse_overloaded(&stream);
         return;
     };
     let mut reader = Reader {
@@ -43,14 +43,14 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     drop(reader);
 }
 
-fn refuse_overloaded(shard: &Shard, stream: TcpStream) {
+/// Says why before the stream is dropped (and closed) by the caller.
+fn refuse_overloaded(stream: &TcpStream) {
     let frame = Frame::GoAway(GoAway { reason: GoAwayReason::Overloaded, reconnect_after_ms: 1000, message: Text::from_static("connection limit reached") });
     if let Ok(bytes) = frame.to_bytes(0) {
         // Best effort on a fresh socket whose buffer is empty: one non-blocking send.
         // SAFETY: the fd is open (we own the stream) and the buffer outlives the call.
         unsafe { libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
     }
-    let _ = shard;
 }
 
 struct Reader {

@@ -58,7 +58,7 @@ pub fn allowed_cpus() -> Result<Vec<usize>, StartError> {
     // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 = this thread; the size matches the set passed.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) };
     if rc != 0 {
         return Err(StartError::Cpus(std::io::Error::last_os_error().to_string()));
     }

@@ -168,6 +168,10 @@ pub struct Shard {
     pub auth: Option<crate::auth::Authenticator>,
 }
 
+fn link_stats<T: Send + 'static>(links: &[Option<Rc<PeerLink<T>>>]) -> Vec<(usize, LinkStats)> {
+    links.iter().enumerate().filter_map(|(peer, link)| link.as_ref().map(|link| (peer, link.stats()))).collect()
+}
+
 /// What the control thread reads of a shard.
 #[derive(Debug, Clone)]
 pub struct ShardSnapshot {
@@ -245,17 +249,14 @@ impl Shard {
     /// A snapshot for /metrics.
     pub fn snapshot(&self) -> ShardSnapshot {
         let state = self.state.borrow();
-        fn links<T: Send + 'static>(links: &[Option<Rc<PeerLink<T>>>]) -> Vec<(usize, LinkStats)> {
-            links.iter().enumerate().filter_map(|(peer, link)| link.as_ref().map(|link| (peer, link.stats()))).collect()
-        }
         ShardSnapshot {
             shard: self.index,
             connections: state.conns.len(),
             sessions: state.sessions.len(),
             subscribed_sessions: state.local.len(),
             counters: self.counters.get(),
-            request_links: links(&self.requests_out),
-            event_links: links(&self.events_out),
+            request_links: link_stats(&self.requests_out),
+            event_links: link_stats(&self.events_out),
             pool: self.pool.stats(),
             sender: self.sender.stats(),
             latency_ns: self.latency_ns.borrow().clone(),
@@ -679,13 +680,11 @@ impl Shard {
     /// Copies an encoded frame into a pool buffer (the I/O side's memory); keeps the heap
     /// buffer when the pool is exhausted (counted).
     fn to_pool(&self, frame: Bytes) -> OutBuf {
-        match self.pool.lease_copy(&frame) {
-            Ok(lease) => OutBuf::Pooled(lease),
-            Err(_) => {
-                self.count(|c| c.pool_fallbacks_total += 1);
-                OutBuf::Heap(frame)
-            }
+        if let Ok(lease) = self.pool.lease_copy(&frame) {
+            return OutBuf::Pooled(lease);
         }
+        self.count(|c| c.pool_fallbacks_total += 1);
+        OutBuf::Heap(frame)
     }
 
     fn local_fanout(&self, key: &SessionKey, out: &OutBuf, ingress_raw: u64) {
