@@ -1814,22 +1814,35 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // Switchboard patch: a busy executor comes through here once per loop iteration, and
+        // cancelling and re-arming both preemption timers every time cost three
+        // `io_uring_enter` calls per iteration (measured with strace on a shard serving
+        // 50 000 publishes/s). A timer that has not fired yet is kept instead: it fires no
+        // later than a fresh one would, so a task queue can only be preempted earlier, never
+        // later. When the executor may sleep (`preempt_timer()` is None) the latency timer
+        // is still cancelled, as before, so it cannot wake a sleeping executor.
+        let pending = |cell: &Cell<Option<Source>>| {
+            let source = cell.take();
+            let keep = source.as_ref().is_some_and(|s| s.result().is_none());
+            if keep {
+                cell.set(source);
+            }
+            keep
+        };
+        if preempt_timer().is_none() || !pending(&self.latency_preemption_timeout_src) {
+            drop(self.latency_preemption_timeout_src.take());
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        if !pending(&self.throughput_preemption_timeout_src) {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1880,9 +1893,15 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+            let armed = self.latency_preemption_timeout_src.take();
+            if armed.is_some() {
+                // Kept from an earlier iteration (see above): still pending.
+                self.latency_preemption_timeout_src.set(armed);
+            } else {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                flush_rings!(lat_ring, main_ring)?;
+            }
         }
 
         // A Note about `need_preempt`:
