@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 use glommio::io::OpenOptions;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
-use switchboard::journal::format::{frame_records, SegmentHeader, SEGMENT_HEADER_BYTES};
-use switchboard::journal::index::{ConversationIndex, IndexEntry, Location};
+use switchboard::journal::format::{SegmentHeader, SEGMENT_HEADER_BYTES};
+use switchboard::journal::index::ConversationIndex;
+use switchboard::journal::recover::replay_segment;
 use switchboard::journal::scan::{scan_segment, ScanStart};
 use switchboard::journal::{Storage, StorageFile, DmaStorage, Durability, Journal, JournalConfig, JournalError, Record, RecordKind};
 
@@ -242,20 +243,7 @@ fn scan_in_memory(jdir: &Path, records: u64) {
     for img in &images {
         let h = SegmentHeader::decode(&img[..SEGMENT_HEADER_BYTES]).unwrap();
         let start = ScanStart { offset: SEGMENT_HEADER_BYTES as u64, position: h.base_position, prev_crc: h.crc() };
-        scan_segment(img, h.base_position, start, h.frame_bytes_max as usize, |off, fh, frame| {
-            for (i, (rec_off, r)) in frame_records(frame, fh).enumerate() {
-                index.insert(
-                    r.conversation,
-                    IndexEntry {
-                        seq: r.seq,
-                        position: fh.first_position + i as u64,
-                        timestamp_us: r.timestamp_us,
-                        kind: r.kind,
-                        loc: Location { segment: h.base_position, frame_offset: off as u32, frame_len: fh.frame_len, record_offset: rec_off },
-                    },
-                );
-            }
-        });
+        replay_segment(img, h.base_position, start, &h, &mut index);
     }
     let took = t.elapsed();
     println!(

@@ -525,8 +525,9 @@ async fn zero_tail<F: StorageFile>(file: &F, data: &[u8], offset: u64) -> Result
     Ok(n as u64)
 }
 
-/// Scans one segment from `start`, indexing every record of every valid frame.
-fn replay_segment(
+/// Scans one segment from `start`, indexing every record of every valid frame (what `open`
+/// does after reading a segment; public so the recovery benchmark measures this very code).
+pub fn replay_segment(
     data: &[u8],
     base: u64,
     start: ScanStart,
