@@ -31,6 +31,90 @@ pub struct Config {
     pub tenants: Vec<TenantConfig>,
     /// Token verification.
     pub auth: AuthConfig,
+    /// The per-shard durable journal.
+    pub journal: JournalSection,
+}
+
+/// What a PUBLISH acknowledgement promises, chosen per engine and per tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityMode {
+    /// PUBACK after the fdatasync covering the message: survives power loss.
+    Sync,
+    /// PUBACK after the journal write; synced every `journal.store.interval_ms`: survives a
+    /// process kill, may lose the last interval on power loss.
+    Interval,
+    /// Memory only: survives reconnects, not a restart (the session epoch changes).
+    None,
+}
+
+impl DurabilityMode {
+    /// The journal's mode, `None` for memory only.
+    pub fn journal(self) -> Option<crate::journal::Durability> {
+        match self {
+            DurabilityMode::Sync => Some(crate::journal::Durability::Sync),
+            DurabilityMode::Interval => Some(crate::journal::Durability::Interval),
+            DurabilityMode::None => None,
+        }
+    }
+
+    /// What PUBACK reports.
+    pub fn wire(self) -> switchboard_protocol::Durability {
+        match self {
+            DurabilityMode::Sync => switchboard_protocol::Durability::Sync,
+            DurabilityMode::Interval => switchboard_protocol::Durability::Interval,
+            DurabilityMode::None => switchboard_protocol::Durability::Memory,
+        }
+    }
+}
+
+/// The journal: one per shard under `server.data_dir/shard-N`, opened (and recovered) before
+/// the shard listens.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalSection {
+    /// Durability of every tenant that does not set its own. With `none` here and for every
+    /// tenant, no journal is opened and the data directory is not touched.
+    pub durability: DurabilityMode,
+    /// How often the shard runs retention and retries a full device, in milliseconds.
+    pub maintenance_interval_ms: u64,
+    /// How often an index snapshot is written (recovery replays only what follows the newest),
+    /// in milliseconds.
+    pub snapshot_interval_ms: u64,
+    /// Segment, frame, queue and retention limits of each shard's journal.
+    pub store: crate::journal::JournalConfig,
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        JournalSection {
+            durability: DurabilityMode::Sync,
+            maintenance_interval_ms: 1_000,
+            snapshot_interval_ms: 30_000,
+            store: crate::journal::JournalConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The durability a tenant's publishes get.
+    pub fn durability_of(&self, tenant: &str) -> DurabilityMode {
+        self.tenants.iter().find(|t| t.id == tenant).and_then(|t| t.durability).unwrap_or(self.journal.durability)
+    }
+
+    /// True when any tenant (or the default) writes to the journal.
+    pub fn journal_enabled(&self) -> bool {
+        self.journal.durability != DurabilityMode::None
+            || self.tenants.iter().any(|t| t.durability.is_some_and(|d| d != DurabilityMode::None))
+    }
+
+    /// The journal limits the shards open with: `interval` is allowed exactly when some tenant
+    /// uses it (recovery then assumes an unclean stop may have lost acknowledged data).
+    pub fn journal_store(&self) -> crate::journal::JournalConfig {
+        let interval = self.journal.durability == DurabilityMode::Interval
+            || self.tenants.iter().any(|t| t.durability == Some(DurabilityMode::Interval));
+        crate::journal::JournalConfig { interval_allowed: interval, ..self.journal.store.clone() }
+    }
 }
 
 /// One tenant.
@@ -41,6 +125,9 @@ pub struct TenantConfig {
     pub id: String,
     /// Keys its tokens may be signed with (HS256); several at once for rotation by `kid`.
     pub keys: Vec<TenantKeyConfig>,
+    /// This tenant's publish durability; unset = `journal.durability`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<DurabilityMode>,
 }
 
 /// One HS256 signing key.
@@ -334,6 +421,24 @@ impl Config {
                 }
             }
         }
+        if let Err(error) = self.journal_store().validate() {
+            return Err(ConfigError::Invalid { key: "journal.store", problem: error.to_string() });
+        }
+        if self.journal_enabled() && self.journal.store.retention_messages_max < limits.history_messages_max {
+            return invalid(
+                "journal.store.retention_messages_max",
+                "must be at least limits.history_messages_max (a restart rebuilds history from it)",
+            );
+        }
+        if self.journal_enabled() && self.journal.store.payload_bytes_max < limits.payload_bytes_max + DELIVER_OVERHEAD_BYTES_MAX as u32 + 1 + 128 + 8 {
+            return invalid(
+                "journal.store.payload_bytes_max",
+                "must hold limits.payload_bytes_max plus a DELIVER frame's overhead, the tenant id and the message id",
+            );
+        }
+        if self.journal.maintenance_interval_ms == 0 || self.journal.snapshot_interval_ms == 0 {
+            return invalid("journal", "maintenance_interval_ms and snapshot_interval_ms must be positive");
+        }
         if self.server.shards > 256 {
             return invalid("server.shards", "at most 256");
         }
@@ -350,6 +455,25 @@ mod tests {
         let config = Config::default();
         config.validate().unwrap();
         let text = toml::to_string(&config).unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn a_tenant_may_override_the_durability() {
+        let mut config = Config::default();
+        config.journal.durability = DurabilityMode::None;
+        assert!(!config.journal_enabled());
+        let key = TenantKeyConfig { kid: "k".into(), secret: "s".repeat(32) };
+        config.tenants.push(TenantConfig { id: "acme".into(), keys: vec![key.clone()], durability: Some(DurabilityMode::Interval) });
+        config.tenants.push(TenantConfig { id: "globex".into(), keys: vec![TenantKeyConfig { kid: "g".into(), ..key }], durability: None });
+        assert_eq!(config.durability_of("acme"), DurabilityMode::Interval);
+        assert_eq!(config.durability_of("globex"), DurabilityMode::None);
+        assert!(config.journal_enabled());
+        // Interval anywhere allows it in the journal (recovery then assumes the worst of a crash).
+        assert!(config.journal_store().interval_allowed);
+        config.validate().unwrap();
+        let text = toml::to_string(&config).unwrap();
+        assert!(text.contains("durability = \"interval\""), "{text}");
         assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
     }
 

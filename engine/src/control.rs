@@ -1,6 +1,7 @@
 //! The control plane: its own thread, never on a shard, serving HTTP on the control port.
 //!
-//! - `GET /healthz`: 200 when every shard's loop answers within a second, else 503.
+//! - `GET /healthz`: 200 when every shard's loop answers within a second and no journal has
+//!   failed or filled its device, else 503 with the reason.
 //! - `GET /readyz`: 200 once every shard listens (and until shutdown starts), else 503.
 //! - `GET /metrics`: Prometheus text, from a snapshot each shard takes on its own core.
 //!
@@ -123,7 +124,21 @@ fn route(state: &ControlState, method: &tiny_http::Method, url: &str) -> (u16, &
     }
     match url.split('?').next().unwrap_or_default() {
         "/healthz" => match snapshots(state) {
-            Some(_) => (200, TEXT, "ok\n".into()),
+            Some(snapshots) => {
+                let journal_problems: Vec<String> = snapshots
+                    .iter()
+                    .filter_map(|s| match s.journal.as_ref().map(|(health, _)| health) {
+                        Some(crate::journal::Health::Failed(why)) => Some(format!("shard {} journal failed: {why}", s.shard)),
+                        Some(crate::journal::Health::NoSpace) => Some(format!("shard {} journal device full", s.shard)),
+                        _ => None,
+                    })
+                    .collect();
+                if journal_problems.is_empty() {
+                    (200, TEXT, "ok\n".into())
+                } else {
+                    (503, TEXT, journal_problems.join("\n") + "\n")
+                }
+            }
             None => (503, TEXT, "a shard did not answer\n".into()),
         },
         "/readyz" => {

@@ -21,6 +21,7 @@
 //! - [`connection`]: one client connection: handshake, decode, dispatch.
 //! - [`shard`]: what one shard owns; publish, subscribe, resume, fan-out.
 //! - [`session`]: one session's seq, epoch, history and idempotency window (no I/O).
+//! - [`persist`]: what the journal keeps for sessions, and restoring them at start.
 //! - [`mesh`]: messages between shards and the ordered links that carry them.
 //! - [`pool`]: the per-shard mmap buffer pool with ref-counted leases.
 //! - [`uring`]: the per-shard io_uring sender (batched, ordered, bounded per connection).
@@ -36,6 +37,7 @@ pub mod cs;
 pub mod journal;
 pub mod mesh;
 pub mod metrics;
+pub mod persist;
 pub mod pool;
 pub mod runtime;
 pub mod session;

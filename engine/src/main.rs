@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use switchboard::config::DurabilityMode;
 use switchboard::Config;
 
 /// Switchboard: a thread-per-core push engine for customer-service platforms.
@@ -23,8 +24,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (defaults, file, flags) as TOML and exit.
     Config(ServeArgs),
-    /// Read a shard's journal directory, for operators (the engine does not write the journal
-    /// yet: see the durability issue).
+    /// Read a shard's journal directory (DATA_DIR/shard-N), for operators. Run it on a stopped
+    /// engine's directory, or on a copy.
     Journal {
         #[command(subcommand)]
         command: JournalCommand,
@@ -62,9 +63,23 @@ struct ServeArgs {
     /// CPUs to pin shards to, e.g. "0,1" or "2-5" (default: the process's affinity set).
     #[arg(long, value_name = "LIST", value_parser = parse_cpus)]
     cpus: Option<CpuList>,
-    /// Directory for durable state.
+    /// Directory for durable state (one journal per shard under DIR/shard-N).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// What PUBACK promises for tenants without their own setting: `sync` (after fdatasync),
+    /// `interval` (after the journal write; synced every journal.store.interval_ms) or `none`
+    /// (memory only; no journal).
+    #[arg(long, value_name = "MODE", value_parser = parse_durability)]
+    durability: Option<DurabilityMode>,
+}
+
+fn parse_durability(text: &str) -> Result<DurabilityMode, String> {
+    match text {
+        "sync" => Ok(DurabilityMode::Sync),
+        "interval" => Ok(DurabilityMode::Interval),
+        "none" => Ok(DurabilityMode::None),
+        other => Err(format!("`{other}` is not a durability; use sync, interval or none")),
+    }
 }
 
 #[derive(Clone)]
@@ -111,6 +126,9 @@ impl ServeArgs {
         }
         if let Some(dir) = &self.data_dir {
             config.server.data_dir.clone_from(dir);
+        }
+        if let Some(durability) = self.durability {
+            config.journal.durability = durability;
         }
         config.validate()?;
         Ok(config)

@@ -58,6 +58,16 @@ impl SessionKey {
         self.session.as_str().hash(&mut hasher);
         (hasher.finish() % shards as u64) as usize
     }
+
+    /// The session's id in its shard's journal: the same fixed-key hash, whole. Ids of two
+    /// sessions may collide; journal records name their session, so a collision costs only
+    /// shared retention, never a mix-up.
+    pub fn conversation_id(&self) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.tenant.as_str().hash(&mut hasher);
+        self.session.as_str().hash(&mut hasher);
+        hasher.finish()
+    }
 }
 
 /// A PUBLISH on its way to the session's owner (from this shard or over the mesh).
@@ -145,6 +155,8 @@ pub enum Event {
         seq: u64,
         /// A repeat.
         duplicate: bool,
+        /// What the acknowledgement promises.
+        durability: switchboard_protocol::Durability,
     },
     /// Answer a SUBSCRIBE, with the replay (encoded DELIVER frames, oldest first).
     Subscribed {

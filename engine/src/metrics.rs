@@ -128,6 +128,24 @@ pub fn render(snapshots: &[ShardSnapshot]) -> String {
     b.counter("uring_sent_bytes", "Bytes written to sockets", c(|s| s.sender.bytes_sent_total));
     b.gauge("uring_sqes_per_submit_max", "Most sends in one submission", c(|s| s.sender.max_sqes_per_submit).into_iter().map(|(l, v)| (l, gauge_i64(v))));
 
+    b.counter("journal_refusals", "Publishes refused because the journal could not take them", c(|s| s.counters.journal_refusals_total));
+    b.gauge("journal_acks_pending", "Journaled publishes waiting for their acknowledgement", snapshots.iter().map(|s| (shard(s), gauge_i64(s.acks_pending))));
+    let journaled: Vec<&ShardSnapshot> = snapshots.iter().filter(|s| s.journal.is_some()).collect();
+    if !journaled.is_empty() {
+        let j = |f: fn(&crate::journal::JournalStats) -> u64| {
+            journaled.iter().filter_map(move |s| s.journal.as_ref().map(|(_, stats)| (shard(s), f(stats)))).collect::<Vec<_>>()
+        };
+        let healthy = journaled.iter().filter_map(|s| s.journal.as_ref().map(|(health, _)| (shard(s), i64::from(*health == crate::journal::Health::Healthy))));
+        b.gauge("journal_healthy", "1 while the shard's journal appends and acknowledges; 0 when failed, full or closed", healthy);
+        b.counter("journal_appends", "Records appended to the journal", j(|s| s.appends));
+        b.counter("journal_commits", "Journal writes (one group-commit batch each)", j(|s| s.commits));
+        b.counter("journal_fdatasyncs", "fdatasyncs of journal segments", j(|s| s.fdatasyncs));
+        b.counter("journal_written_bytes", "Bytes written to journal segments, padding included", j(|s| s.bytes_written));
+        b.counter("journal_backpressure", "Appends refused because too much was pending", j(|s| s.backpressure));
+        b.counter("journal_segments_deleted", "Segments deleted by retention", j(|s| s.segments_deleted));
+        b.counter("journal_snapshots", "Index snapshots written", j(|s| s.snapshots));
+    }
+
     let quantiles = [("0.5", 0.5), ("0.9", 0.9), ("0.99", 0.99), ("0.999", 0.999), ("1", 1.0)];
     let latency = snapshots
         .iter()

@@ -21,6 +21,8 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::Config;
 use crate::control::{self, ControlHandle, ShardRequest};
+use crate::journal::{DmaStorage, Journal};
+use crate::persist;
 use crate::mesh::{new_epoch, Event, PeerLink, Request};
 use crate::pool::{BufferPool, PoolConfig, SizeClass};
 use crate::shard::Shard;
@@ -51,6 +53,9 @@ pub enum StartError {
         /// Why.
         reason: String,
     },
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    DataDir(#[from] crate::persist::LayoutError),
 }
 
 /// The CPUs this process may run on (its affinity mask).
@@ -139,6 +144,9 @@ pub fn start(config: Config) -> Result<EngineHandle, StartError> {
     let (reservation, data_addr) = reserve_port(config.server.listen)?;
     let config = Arc::new(config);
     let epoch = new_epoch();
+    // With a journal, session epochs come from it (and survive restarts); the layout file
+    // refuses a data directory written with another shard count.
+    let layout = if config.journal_enabled() { Some(persist::open_layout(&config.server.data_dir, shards, epoch)?) } else { None };
     let clock = quanta::Clock::new();
 
     // The mesh: requests[i][j] and events[i][j] carry i → j, created once.
@@ -157,6 +165,7 @@ pub fn start(config: Config) -> Result<EngineHandle, StartError> {
             shards,
             config: config.clone(),
             epoch,
+            layout,
             clock: clock.clone(),
             data_addr,
             requests_out: request_rings.take_row(index),
@@ -225,6 +234,7 @@ struct ShardWiring {
     shards: usize,
     config: Arc<Config>,
     epoch: u64,
+    layout: Option<persist::Layout>,
     clock: quanta::Clock,
     data_addr: SocketAddr,
     requests_out: Vec<Option<SharedSender<Request>>>,
@@ -268,6 +278,13 @@ async fn run_shard(wiring: ShardWiring) {
         Ok(sender) => sender,
         Err(error) => return fail(format!("io_uring: {error}")),
     };
+    let (journal, epoch, restored) = match wiring.layout {
+        None => (None, wiring.epoch, Vec::new()),
+        Some(layout) => match open_journal(index, &wiring.config, &layout).await {
+            Ok((journal, epoch, restored)) => (Some(journal), epoch, restored),
+            Err(reason) => return fail(reason),
+        },
+    };
     let listener = match TcpListener::bind(wiring.data_addr) {
         Ok(listener) => listener,
         Err(error) => return fail(format!("bind {}: {error}", wiring.data_addr)),
@@ -279,7 +296,19 @@ async fn run_shard(wiring: ShardWiring) {
     let backlog = wiring.config.mesh.backlog_messages_max;
     let requests_out = wiring.requests_out.into_iter().map(|ring| ring.map(|ring| start_pump(ring, backlog))).collect();
     let events_out = wiring.events_out.into_iter().map(|ring| ring.map(|ring| start_pump(ring, backlog))).collect();
-    let shard = Shard::new(index, wiring.shards, wiring.config.clone(), wiring.epoch, pool, sender, requests_out, events_out, wiring.clock);
+    let shard =
+        Shard::new(index, wiring.shards, wiring.config.clone(), epoch, pool, sender, requests_out, events_out, wiring.clock, journal);
+    shard.restore(restored);
+    if let Some(journal) = shard.journal().cloned() {
+        glommio::spawn_local(async move {
+            if let Err(error) = journal.run_committer().await {
+                tracing::error!(shard = index, %error, "journal failed: durable publishes are refused until restart");
+            }
+        })
+        .detach();
+        glommio::spawn_local(shard.clone().run_acks()).detach();
+        glommio::spawn_local(shard.clone().maintain_journal()).detach();
+    }
     let sender_loop = shard.sender.run();
     glommio::spawn_local(async move {
         if let Err(error) = sender_loop.await {
@@ -306,8 +335,48 @@ async fn run_shard(wiring: ShardWiring) {
 
     accept_until_shutdown(&shard, &listener).await;
     drop(listener);
+    // Acknowledge what is being journaled before saying goodbye, so publishers get their PUBACKs.
+    shard.drain_acks(Duration::from_millis(shard.config.server.shutdown_drain_ms)).await;
     drain_connections(&shard).await;
+    if let Some(journal) = shard.journal() {
+        match journal.close().await {
+            Ok(()) => tracing::info!(shard = index, epoch = journal.epoch(), position = journal.synced_position(), "journal closed cleanly"),
+            Err(error) => tracing::error!(shard = index, %error, "journal did not close cleanly; the next start recovers it"),
+        }
+    }
     tracing::debug!(shard = index, "stopped");
+}
+
+/// Opens and recovers a shard's journal and rebuilds its sessions; the error is for the log.
+async fn open_journal(
+    index: usize,
+    config: &Config,
+    layout: &persist::Layout,
+) -> Result<(Journal<DmaStorage>, u64, Vec<(crate::mesh::SessionKey, crate::session::Session)>), String> {
+    let dir = persist::shard_dir(&config.server.data_dir, index);
+    let started = std::time::Instant::now();
+    let storage = DmaStorage::new(&dir).map_err(|error| format!("journal directory {}: {error}", dir.display()))?;
+    let (journal, report) =
+        Journal::open(storage, index as u32, config.journal_store()).await.map_err(|error| format!("journal {}: {error}", dir.display()))?;
+    if report.acked_may_be_missing || !report.damage.is_empty() || report.truncated_tail.is_some() {
+        tracing::warn!(shard = index, "journal recovery:\n{report}");
+    } else {
+        tracing::info!(shard = index, "journal recovery: {}", report.to_string().trim_end());
+    }
+    let epoch = persist::session_epoch(layout, journal.epoch());
+    let history = config.limits.history_messages_max as usize;
+    let (sessions, stats) = persist::restore_sessions(&journal, epoch, history).await.map_err(|error| format!("journal {}: {error}", dir.display()))?;
+    tracing::info!(
+        shard = index,
+        epoch,
+        sessions = stats.sessions,
+        messages = stats.messages,
+        skipped = stats.records_skipped,
+        damaged_frames = stats.damaged_frames,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "sessions restored from the journal"
+    );
+    Ok((journal, epoch, sessions))
 }
 
 async fn accept_until_shutdown(shard: &Rc<Shard>, listener: &TcpListener) {

@@ -33,8 +33,16 @@ impl StoredMessage {
     }
 }
 
-/// Encodes the DELIVER frame of a new message; returns it and where its sender id is.
-pub type EncodeDeliver<'a> = &'a mut dyn FnMut(u64, u64) -> (Bytes, (u16, u8));
+impl StoredMessage {
+    /// A message read back from the journal: its DELIVER frame and where its sender id is.
+    pub fn restored(seq: u64, client_msg_id: u64, sender_at: (u16, u8), frame: Bytes) -> StoredMessage {
+        StoredMessage { seq, client_msg_id, sender_at, frame }
+    }
+}
+
+/// Encodes the DELIVER frame of a new message (and journals it, when the session is durable);
+/// returns it and where its sender id is. An error leaves the session unchanged.
+pub type EncodeDeliver<'a, E> = &'a mut dyn FnMut(u64, u64) -> Result<(Bytes, (u16, u8)), E>;
 
 /// What a PUBLISH did to the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +68,17 @@ pub struct ResumePlan {
 }
 
 /// A session's ordering state and history.
+///
+/// A durable session assigns a seq when the message is journaled and makes it *visible*
+/// (replayed to subscribers, counted in the head they are told) only once the journal
+/// acknowledges it, so no subscriber ever sees a message a crash could take back. A memory-only
+/// session makes each message visible at once.
 #[derive(Debug)]
 pub struct Session {
     epoch: u64,
     head_seq: u64,
+    /// Every message up to here is acknowledged and may be delivered.
+    visible_seq: u64,
     history: VecDeque<StoredMessage>,
     history_messages_max: usize,
     /// Read cursors: (participant, last seen seq). Few participants per conversation, so a
@@ -74,7 +89,36 @@ pub struct Session {
 impl Session {
     /// A new, empty session in `epoch`.
     pub fn new(epoch: u64, history_messages_max: usize) -> Session {
-        Session { epoch, head_seq: 0, history: VecDeque::new(), history_messages_max, read_cursors: Vec::new() }
+        Session { epoch, head_seq: 0, visible_seq: 0, history: VecDeque::new(), history_messages_max, read_cursors: Vec::new() }
+    }
+
+    /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
+    /// all acknowledged; `head_seq` is the last seq it assigned.
+    pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>) -> Session {
+        let mut history: VecDeque<StoredMessage> = messages.into();
+        while history.len() > history_messages_max {
+            history.pop_front();
+        }
+        Session { epoch, head_seq, visible_seq: head_seq, history, history_messages_max, read_cursors: Vec::new() }
+    }
+
+    /// The last seq subscribers may see.
+    pub fn visible_seq(&self) -> u64 {
+        self.visible_seq
+    }
+
+    /// Makes every message up to `seq` visible (the journal acknowledged it).
+    pub fn make_visible(&mut self, seq: u64) {
+        self.visible_seq = self.visible_seq.max(seq.min(self.head_seq));
+    }
+
+    /// Forgets the messages not yet visible (the journal refused them): their seqs are
+    /// assigned again, since no one saw or was acknowledged them.
+    pub fn roll_back_invisible(&mut self) {
+        while self.history.back().is_some_and(|message| message.seq > self.visible_seq) {
+            self.history.pop_back();
+        }
+        self.head_seq = self.visible_seq;
     }
 
     /// The current epoch.
@@ -97,7 +141,9 @@ impl Session {
     /// `encode(epoch, seq)` builds the message's DELIVER frame; it is called only for a new
     /// message. The idempotency window is the history: a repeat older than that is appended
     /// again, as documented in PROTOCOL.md.
-    pub fn publish(&mut self, sender: &str, client_msg_id: u64, encode: EncodeDeliver<'_>) -> PublishOutcome {
+    /// The message becomes visible at once when `visible` is set; otherwise on
+    /// [`Session::make_visible`].
+    pub fn publish<E>(&mut self, sender: &str, client_msg_id: u64, visible: bool, encode: EncodeDeliver<'_, E>) -> Result<PublishOutcome, E> {
         if client_msg_id != 0 {
             if let Some(original) = self
                 .history
@@ -105,16 +151,20 @@ impl Session {
                 .rev()
                 .find(|message| message.client_msg_id == client_msg_id && message.sender() == sender.as_bytes())
             {
-                return PublishOutcome::Duplicate(original.seq);
+                return Ok(PublishOutcome::Duplicate(original.seq));
             }
         }
-        self.head_seq += 1;
+        let seq = self.head_seq + 1;
+        let (frame, sender_at) = encode(self.epoch, seq)?;
+        self.head_seq = seq;
+        if visible {
+            self.visible_seq = seq;
+        }
         if self.history.len() == self.history_messages_max {
             self.history.pop_front();
         }
-        let (frame, sender_at) = encode(self.epoch, self.head_seq);
-        self.history.push_back(StoredMessage { seq: self.head_seq, client_msg_id, sender_at, frame });
-        PublishOutcome::Appended(self.head_seq)
+        self.history.push_back(StoredMessage { seq, client_msg_id, sender_at, frame });
+        Ok(PublishOutcome::Appended(seq))
     }
 
     /// The message just appended (after [`Session::publish`] returned `Appended`).
@@ -123,12 +173,14 @@ impl Session {
     }
 
     /// Decides what a subscription starting at `from` replays and whether that is complete.
+    /// Only visible messages count: the plan's head is the last visible seq.
     pub fn plan_resume(&self, from: ResumeFrom) -> ResumePlan {
-        let oldest = self.oldest_seq().unwrap_or(self.head_seq + 1);
+        let head_seq = self.visible_seq;
+        let oldest = self.oldest_seq().unwrap_or(head_seq + 1).min(head_seq + 1);
         let (replay_from_seq, recovered) = match from {
-            ResumeFrom::Live => (self.head_seq + 1, true),
+            ResumeFrom::Live => (head_seq + 1, true),
             ResumeFrom::Earliest => (oldest, oldest <= 1),
-            ResumeFrom::After { epoch, seq } if epoch == self.epoch && seq <= self.head_seq => {
+            ResumeFrom::After { epoch, seq } if epoch == self.epoch && seq <= head_seq => {
                 if seq + 1 >= oldest {
                     (seq + 1, true)
                 } else {
@@ -139,21 +191,27 @@ impl Session {
             // session never reached: replay what there is and say it is not a full recovery.
             ResumeFrom::After { .. } => (oldest, false),
         };
-        ResumePlan { epoch: self.epoch, head_seq: self.head_seq, replay_from_seq, recovered }
+        ResumePlan { epoch: self.epoch, head_seq, replay_from_seq, recovered }
     }
 
-    /// Messages with seq >= `from_seq`, oldest first.
+    /// Visible messages with seq >= `from_seq`, oldest first.
     pub fn replay(&self, from_seq: u64) -> impl Iterator<Item = &StoredMessage> {
         let skip = match self.oldest_seq() {
             Some(oldest) if from_seq > oldest => (from_seq - oldest) as usize,
             _ => 0,
         };
-        self.history.iter().skip(skip)
+        let visible = self.visible_seq;
+        self.history.iter().skip(skip).take_while(move |message| message.seq <= visible)
+    }
+
+    /// The read cursors, for the journal.
+    pub fn read_cursors(&self) -> &[(Text, u64)] {
+        &self.read_cursors
     }
 
     /// Moves a participant's read cursor forward (never back); returns the cursor now.
     pub fn set_read_cursor(&mut self, participant: &Text, seq: u64) -> u64 {
-        let seq = seq.min(self.head_seq);
+        let seq = seq.min(self.visible_seq);
         if let Some((_, cursor)) = self.read_cursors.iter_mut().find(|(who, _)| who == participant) {
             *cursor = (*cursor).max(seq);
             return *cursor;
@@ -168,14 +226,18 @@ mod tests {
     use super::*;
 
     /// A stand-in encoder: the frame is "sender|epoch|seq", the sender at offset 0.
-    fn encoder(sender: &'static str) -> impl FnMut(u64, u64) -> (Bytes, (u16, u8)) {
-        move |epoch, seq| (Bytes::from(format!("{sender}|{epoch}|{seq}")), (0, sender.len() as u8))
+    fn encoder(sender: &'static str) -> impl FnMut(u64, u64) -> Result<(Bytes, (u16, u8)), ()> {
+        move |epoch, seq| Ok((Bytes::from(format!("{sender}|{epoch}|{seq}")), (0, sender.len() as u8)))
+    }
+
+    fn publish(session: &mut Session, sender: &'static str, id: u64) -> PublishOutcome {
+        session.publish(sender, id, true, &mut encoder(sender)).unwrap()
     }
 
     fn session_with(count: u64, history: usize) -> Session {
         let mut session = Session::new(7, history);
         for _ in 0..count {
-            session.publish("alice", 0, &mut encoder("alice"));
+            publish(&mut session, "alice", 0);
         }
         session
     }
@@ -191,12 +253,12 @@ mod tests {
     #[test]
     fn duplicate_client_msg_id_returns_the_original_seq() {
         let mut session = Session::new(1, 8);
-        assert_eq!(session.publish("alice", 42, &mut encoder("alice")), PublishOutcome::Appended(1));
-        assert_eq!(session.publish("alice", 43, &mut encoder("alice")), PublishOutcome::Appended(2));
-        let mut never = |_: u64, _: u64| -> (Bytes, (u16, u8)) { panic!("a duplicate is not encoded") };
-        assert_eq!(session.publish("alice", 42, &mut never), PublishOutcome::Duplicate(1));
+        assert_eq!(publish(&mut session, "alice", 42), PublishOutcome::Appended(1));
+        assert_eq!(publish(&mut session, "alice", 43), PublishOutcome::Appended(2));
+        let mut never = |_: u64, _: u64| -> Result<(Bytes, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
+        assert_eq!(session.publish("alice", 42, true, &mut never), Ok(PublishOutcome::Duplicate(1)));
         // The same id from another sender is another message.
-        assert_eq!(session.publish("bob", 42, &mut encoder("bob")), PublishOutcome::Appended(3));
+        assert_eq!(publish(&mut session, "bob", 42), PublishOutcome::Appended(3));
         assert_eq!(session.head_seq(), 3);
     }
 
@@ -231,5 +293,46 @@ mod tests {
         assert_eq!(session.set_read_cursor(&bob, 3), 3);
         assert_eq!(session.set_read_cursor(&bob, 2), 3);
         assert_eq!(session.set_read_cursor(&bob, 99), 5);
+    }
+
+    #[test]
+    fn invisible_messages_are_neither_planned_nor_replayed_until_acknowledged() {
+        let mut session = session_with(3, 8);
+        for _ in 0..2 {
+            session.publish("alice", 0, false, &mut encoder("alice")).unwrap();
+        }
+        assert_eq!((session.head_seq(), session.visible_seq()), (5, 3));
+        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 1 });
+        assert_eq!((plan.head_seq, plan.replay_from_seq, plan.recovered), (3, 2, true));
+        assert_eq!(session.replay(2).map(|m| m.seq).collect::<Vec<_>>(), vec![2, 3]);
+        // A position past the visible head was never handed out.
+        assert!(!session.plan_resume(ResumeFrom::After { epoch: 7, seq: 4 }).recovered);
+        session.make_visible(4);
+        assert_eq!(session.replay(2).map(|m| m.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn a_refused_append_changes_nothing_and_a_rollback_reuses_the_seqs() {
+        let mut session = session_with(2, 8);
+        let mut refuse = |_: u64, _: u64| -> Result<(Bytes, (u16, u8)), &'static str> { Err("journal full") };
+        assert_eq!(session.publish("alice", 9, false, &mut refuse), Err("journal full"));
+        assert_eq!(session.head_seq(), 2);
+        session.publish("alice", 0, false, &mut encoder("alice")).unwrap();
+        session.publish("alice", 0, false, &mut encoder("alice")).unwrap();
+        session.roll_back_invisible();
+        assert_eq!((session.head_seq(), session.visible_seq()), (2, 2));
+        assert_eq!(publish(&mut session, "alice", 0), PublishOutcome::Appended(3));
+        assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_restored_session_continues_its_seqs() {
+        let messages = (4..=6).map(|seq| StoredMessage::restored(seq, seq * 10, (0, 5), Bytes::from(format!("alice|7|{seq}")))).collect();
+        let mut session = Session::restored(7, 2, 6, messages);
+        assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![5, 6]);
+        // The idempotency window survived.
+        let mut never = |_: u64, _: u64| -> Result<(Bytes, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
+        assert_eq!(session.publish("alice", 60, true, &mut never), Ok(PublishOutcome::Duplicate(6)));
+        assert_eq!(publish(&mut session, "alice", 0), PublishOutcome::Appended(7));
     }
 }

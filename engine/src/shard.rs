@@ -15,7 +15,7 @@
 //! Borrow rule: `state` is borrowed only between awaits, never across one.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -24,12 +24,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use switchboard_protocol::{
-    Deliver, Durability, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
-    Typing, HEADER_BYTES,
+    Deliver, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
+    Typing,
 };
 
-use crate::config::Config;
+use crate::config::{Config, DurabilityMode};
+use crate::journal::{DmaStorage, Health, Journal, JournalError, JournalStats, Record, RecordKind, Ticket};
 use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
+use crate::persist;
 use crate::pool::BufferPool;
 use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
@@ -66,6 +68,50 @@ struct LocalSubscribers {
     /// Subscriptions sent to the owner and not answered yet: while any is pending, the owner
     /// must keep sending this shard the session's messages.
     pending: u32,
+}
+
+/// A journaled PUBLISH waiting for its acknowledgement, in journal order.
+struct PendingAck {
+    /// `None`: a duplicate of a message still pending; answered once everything before it is.
+    ticket: Option<Ticket>,
+    origin: usize,
+    conn: ConnId,
+    correlation: u32,
+    key: SessionKey,
+    client_msg_id: u64,
+    epoch: u64,
+    seq: u64,
+    durability: switchboard_protocol::Durability,
+    /// The DELIVER frame to fan out once acknowledged (`None` for a duplicate).
+    frame: Option<Bytes>,
+    ingress_raw: u64,
+}
+
+/// Wakes the one task that waits on it (the acknowledgement task).
+#[derive(Default)]
+struct Wakeup {
+    set: Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Wakeup {
+    fn notify(&self) {
+        self.set.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.set.replace(false) {
+                return std::task::Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await;
+    }
 }
 
 /// A connection as the shard sees it.
@@ -136,6 +182,8 @@ pub struct ShardCounters {
     pub pool_fallbacks_total: u64,
     /// Sessions refused at `sessions_per_shard_max`.
     pub session_limit_refusals_total: u64,
+    /// PUBLISH frames refused because the journal could not take them.
+    pub journal_refusals_total: u64,
 }
 
 /// Everything one shard owns. Lives in an `Rc` on its executor.
@@ -166,6 +214,15 @@ pub struct Shard {
     pub shutdown: Rc<Latch>,
     /// Token verification; `None` when no tenant is configured (open mode).
     pub auth: Option<crate::auth::Authenticator>,
+    /// This shard's journal; `None` when every tenant is memory only.
+    journal: Option<Journal<DmaStorage>>,
+    /// Journaled publishes waiting for their acknowledgement, oldest first.
+    acks: RefCell<VecDeque<PendingAck>>,
+    acks_wakeup: Wakeup,
+    /// Reused for encoding journal records.
+    record_scratch: RefCell<Vec<u8>>,
+    /// Tenants whose durability differs from `config.journal.durability`.
+    tenant_durability: Vec<(String, DurabilityMode)>,
 }
 
 fn link_stats<T: Send + 'static>(links: &[Option<Rc<PeerLink<T>>>]) -> Vec<(usize, LinkStats)> {
@@ -195,6 +252,10 @@ pub struct ShardSnapshot {
     pub sender: crate::uring::SenderStats,
     /// Publish decoded → frame queued on the subscriber's socket, in nanoseconds.
     pub latency_ns: Histogram<u64>,
+    /// The journal's state and counters, when there is one.
+    pub journal: Option<(Health, JournalStats)>,
+    /// Journaled publishes waiting for their acknowledgement.
+    pub acks_pending: usize,
 }
 
 impl Shard {
@@ -210,9 +271,15 @@ impl Shard {
         requests_out: Vec<Option<Rc<PeerLink<Request>>>>,
         events_out: Vec<Option<Rc<PeerLink<Event>>>>,
         clock: quanta::Clock,
+        journal: Option<Journal<DmaStorage>>,
     ) -> Rc<Shard> {
         let limits = switchboard_protocol::Limits { frame_body_bytes_max: config.limits.frame_body_bytes_max };
         let auth = crate::auth::Authenticator::new(&config.tenants, config.auth.leeway_s);
+        let tenant_durability = config
+            .tenants
+            .iter()
+            .filter_map(|tenant| tenant.durability.filter(|&d| d != config.journal.durability).map(|d| (tenant.id.clone(), d)))
+            .collect();
         Rc::new_cyclic(|me| Shard {
             me: me.clone(),
             index,
@@ -232,7 +299,35 @@ impl Shard {
             fanout_scratch: RefCell::new(Vec::new()),
             shutdown: Rc::new(Latch::default()),
             auth,
+            journal,
+            acks: RefCell::new(VecDeque::new()),
+            acks_wakeup: Wakeup::default(),
+            record_scratch: RefCell::new(Vec::new()),
+            tenant_durability,
         })
+    }
+
+    /// Puts sessions restored from the journal in place (at start, before listening).
+    pub fn restore(&self, sessions: Vec<(SessionKey, Session)>) {
+        let mut state = self.state.borrow_mut();
+        for (key, session) in sessions {
+            state.sessions.insert(key, OwnedSession { session, interest: ShardSet::default() });
+        }
+    }
+
+    /// The journal, if this shard has one.
+    pub fn journal(&self) -> Option<&Journal<DmaStorage>> {
+        self.journal.as_ref()
+    }
+
+    fn durability_of(&self, tenant: &Text) -> DurabilityMode {
+        if self.journal.is_none() {
+            return DurabilityMode::None;
+        }
+        self.tenant_durability
+            .iter()
+            .find(|(id, _)| id.as_str() == tenant.as_str())
+            .map_or(self.config.journal.durability, |&(_, mode)| mode)
     }
 
     /// The raw clock, for ingress timestamps.
@@ -260,6 +355,8 @@ impl Shard {
             pool: self.pool.stats(),
             sender: self.sender.stats(),
             latency_ns: self.latency_ns.borrow().clone(),
+            journal: self.journal.as_ref().map(|journal| (journal.health(), journal.stats())),
+            acks_pending: self.acks.borrow().len(),
         }
     }
 
@@ -612,13 +709,16 @@ impl Shard {
 
     fn owner_publish(&self, origin: usize, request: &PublishRequest) {
         let PublishRequest { conn, correlation, ref key, client_msg_id, trace_id, ref sender, ref payload, ingress_raw } = *request;
+        let mode = self.durability_of(&key.tenant);
+        let journal = mode.journal().zip(self.journal.as_ref());
         let mut state = self.state.borrow_mut();
         let Some(owned) = self.session_mut(&mut state, key) else {
             drop(state);
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
         };
         let timestamp_us = Self::now_us();
-        let mut encode = |epoch: u64, seq: u64| {
+        let mut ticket = None;
+        let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {
             let frame = Frame::Deliver(Deliver {
                 session: key.session.clone(),
                 epoch,
@@ -628,31 +728,183 @@ impl Shard {
                 sender: sender.clone(),
                 payload: payload.clone(),
             });
-            // The sender id sits after the header, the session id and four fixed fields.
-            let sender_offset = HEADER_BYTES + 1 + key.session.len() + 8 + 8 + 8 + 16 + 1;
-            (self.encode_heap(&frame, 0), (sender_offset as u16, sender.len() as u8))
+            let encoded = self.encode_heap(&frame, 0);
+            if let Some((durability, journal)) = journal {
+                let mut scratch = self.record_scratch.borrow_mut();
+                persist::encode_message(&mut scratch, &key.tenant, client_msg_id, &encoded);
+                let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
+                ticket = Some(journal.append(&record, durability)?);
+            }
+            Ok((encoded, persist::deliver_sender_at(&key.session, sender)))
         };
-        let outcome = owned.session.publish(sender.as_str(), client_msg_id, &mut encode);
+        let outcome = match owned.session.publish(sender.as_str(), client_msg_id, journal.is_none(), &mut encode) {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                drop(state);
+                self.count(|c| c.journal_refusals_total += 1);
+                let (code, message) = journal_refusal(&error);
+                tracing::debug!(shard = self.index, %error, "publish refused by the journal");
+                return self.reply(origin, Event::Failed { conn, correlation, code, message });
+            }
+        };
         let epoch = owned.session.epoch();
-        let (seq, duplicate) = match outcome {
-            PublishOutcome::Appended(seq) => (seq, false),
-            PublishOutcome::Duplicate(seq) => (seq, true),
-        };
-        let fanout = if duplicate {
-            None
-        } else {
-            let message = owned.session.last().expect("a message was just appended");
-            Some((message.frame.clone(), owned.interest))
-        };
-        drop(state);
-        if let Some((frame, interest)) = fanout {
-            self.count(|c| c.publishes_total += 1);
-            let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
-            self.fanout_encoded(key, interest, frame, ingress_raw);
-        } else {
-            self.count(|c| c.publishes_duplicate_total += 1);
+        let visible_seq = owned.session.visible_seq();
+        let wire_durability = mode.wire();
+        match outcome {
+            PublishOutcome::Appended(seq) if journal.is_some() => {
+                let frame = owned.session.last().expect("a message was just appended").frame.clone();
+                drop(state);
+                self.await_ack(PendingAck {
+                    ticket,
+                    origin,
+                    conn,
+                    correlation,
+                    key: SessionKey::owned(&key.tenant, &key.session),
+                    client_msg_id,
+                    epoch,
+                    seq,
+                    durability: wire_durability,
+                    frame: Some(frame),
+                    ingress_raw,
+                });
+            }
+            PublishOutcome::Appended(seq) => {
+                let message = owned.session.last().expect("a message was just appended");
+                let (frame, interest) = (message.frame.clone(), owned.interest);
+                drop(state);
+                self.count(|c| c.publishes_total += 1);
+                let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
+                self.fanout_encoded(key, interest, frame, ingress_raw);
+                let session = key.session.clone();
+                self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability });
+            }
+            PublishOutcome::Duplicate(seq) if seq > visible_seq => {
+                // The original is still waiting for the journal: answer after it.
+                drop(state);
+                self.count(|c| c.publishes_duplicate_total += 1);
+                self.await_ack(PendingAck {
+                    ticket: None,
+                    origin,
+                    conn,
+                    correlation,
+                    key: SessionKey::owned(&key.tenant, &key.session),
+                    client_msg_id,
+                    epoch,
+                    seq,
+                    durability: wire_durability,
+                    frame: None,
+                    ingress_raw,
+                });
+            }
+            PublishOutcome::Duplicate(seq) => {
+                drop(state);
+                self.count(|c| c.publishes_duplicate_total += 1);
+                let session = key.session.clone();
+                self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: true, durability: wire_durability });
+            }
         }
-        self.reply(origin, Event::PubAck { conn, correlation, session: key.session.clone(), client_msg_id, epoch, seq, duplicate });
+    }
+
+    fn await_ack(&self, pending: PendingAck) {
+        self.acks.borrow_mut().push_back(pending);
+        self.acks_wakeup.notify();
+    }
+
+    /// Answers journaled publishes in journal order as the journal acknowledges them: the
+    /// message becomes visible, is fanned out, and its publisher gets PUBACK. Runs as long as
+    /// the shard.
+    pub(crate) async fn run_acks(self: Rc<Self>) {
+        let Some(journal) = self.journal.clone() else { return };
+        let mut answered = 0_u32;
+        loop {
+            let next = self.acks.borrow_mut().pop_front();
+            let Some(pending) = next else {
+                self.acks_wakeup.wait().await;
+                continue;
+            };
+            let result = match pending.ticket {
+                Some(ticket) => journal.acked(ticket).await,
+                None => Ok(()),
+            };
+            self.answer(pending, result);
+            answered += 1;
+            if answered % 256 == 0 {
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+
+    /// Waits (bounded) until every journaled publish is answered; for shutdown.
+    pub(crate) async fn drain_acks(&self, within: Duration) {
+        if let Some(journal) = &self.journal {
+            let _ = futures_lite::future::or(async { journal.flush().await.map(|()| true) }, async {
+                glommio::timer::Timer::new(within).await;
+                Ok(false)
+            })
+            .await;
+        }
+        let deadline = std::time::Instant::now() + within;
+        while !self.acks.borrow().is_empty() && std::time::Instant::now() < deadline {
+            glommio::timer::Timer::new(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn answer(&self, pending: PendingAck, result: Result<(), JournalError>) {
+        let PendingAck { origin, conn, correlation, key, client_msg_id, epoch, seq, durability, frame, ingress_raw, .. } = pending;
+        let mut state = self.state.borrow_mut();
+        let Some(owned) = state.sessions.get_mut(&key) else { return };
+        let visible = match &result {
+            Ok(()) => {
+                owned.session.make_visible(seq);
+                owned.session.visible_seq() >= seq
+            }
+            Err(_) => false,
+        };
+        if !visible {
+            // Nobody saw these or was acknowledged them: their seqs are free again.
+            owned.session.roll_back_invisible();
+            drop(state);
+            self.count(|c| c.journal_refusals_total += 1);
+            let (code, message) = result.as_ref().err().map_or((ErrorCode::Unavailable, "journal dropped the message"), journal_refusal);
+            return self.reply(origin, Event::Failed { conn, correlation, code, message });
+        }
+        let interest = owned.interest;
+        drop(state);
+        let duplicate = frame.is_none();
+        if let Some(frame) = frame {
+            self.count(|c| c.publishes_total += 1);
+            self.fanout_encoded(&key, interest, frame, ingress_raw);
+        }
+        let session = key.session;
+        self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate, durability });
+    }
+
+    /// Retention, index snapshots and recovery from a full device, every
+    /// `journal.maintenance_interval_ms`, until shutdown.
+    pub(crate) async fn maintain_journal(self: Rc<Self>) {
+        let Some(journal) = self.journal.clone() else { return };
+        let interval = Duration::from_millis(self.config.journal.maintenance_interval_ms);
+        let snapshot_every = Duration::from_millis(self.config.journal.snapshot_interval_ms);
+        let mut last_snapshot = std::time::Instant::now();
+        while !self.shutdown.is_set() {
+            glommio::timer::Timer::new(interval).await;
+            if journal.health() == Health::NoSpace {
+                journal.resume_after_no_space();
+            }
+            match journal.apply_retention(Self::now_us()).await {
+                Ok(outcome) if outcome.segments_deleted > 0 => {
+                    tracing::debug!(shard = self.index, segments = outcome.segments_deleted, bytes = outcome.bytes_freed, "journal retention");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(shard = self.index, %error, "journal retention failed"),
+            }
+            if last_snapshot.elapsed() >= snapshot_every && journal.health() == Health::Healthy {
+                last_snapshot = std::time::Instant::now();
+                if let Err(error) = journal.write_snapshot().await {
+                    tracing::warn!(shard = self.index, %error, "journal snapshot failed");
+                }
+            }
+        }
     }
 
     /// Sends a frame to every subscriber of `key`.
@@ -739,9 +991,22 @@ impl Shard {
         let cursor = owned.session.set_read_cursor(participant, seq);
         let interest = owned.interest;
         drop(state);
+        self.journal_read_cursor(key, participant, cursor);
         let frame = Frame::ReadCursor(ReadCursor { session: key.session.clone(), participant: participant.clone(), seq: cursor });
         self.fanout(key, interest, &frame, 0);
         self.reply(origin, Event::Done { conn, correlation });
+    }
+
+    /// Journals a read cursor. Not awaited: a cursor lost in a crash only moves back to an
+    /// older one, which the participant's next READ_CURSOR moves forward again.
+    fn journal_read_cursor(&self, key: &SessionKey, participant: &Text, cursor: u64) {
+        let (Some(durability), Some(journal)) = (self.durability_of(&key.tenant).journal(), &self.journal) else { return };
+        let mut scratch = self.record_scratch.borrow_mut();
+        persist::encode_read_cursor(&mut scratch, key, participant);
+        let record = Record { conversation: key.conversation_id(), seq: cursor, timestamp_us: Self::now_us(), kind: RecordKind::ReadCursor, payload: &scratch };
+        if let Err(error) = journal.append(&record, durability) {
+            tracing::debug!(shard = self.index, %error, "read cursor not journaled");
+        }
     }
 
     fn owner_typing(&self, key: &SessionKey, participant: &Text, active: bool) {
@@ -772,8 +1037,8 @@ impl Shard {
     /// Handles one event from an owner (this shard included). Never waits.
     pub(crate) fn handle_event(&self, event: Event) {
         match event {
-            Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate } => {
-                let frame = Frame::PubAck(PubAck { session, client_msg_id, epoch, seq, duplicate, durability: Durability::Memory });
+            Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate, durability } => {
+                let frame = Frame::PubAck(PubAck { session, client_msg_id, epoch, seq, duplicate, durability });
                 self.send_frame(conn, &frame, correlation);
             }
             Event::Subscribed { conn, correlation, key, plan, replay } => self.subscribed(conn, correlation, key, &plan, replay),
@@ -818,6 +1083,20 @@ impl Shard {
             if !self.send_buf(conn, self.to_pool(frame)) {
                 break;
             }
+        }
+    }
+}
+
+/// The ERROR a publisher gets when the journal cannot take its message.
+fn journal_refusal(error: &JournalError) -> (ErrorCode, &'static str) {
+    match error {
+        JournalError::Backpressure { .. } => (ErrorCode::Unavailable, "journal queue full; retry later"),
+        JournalError::NoSpace => (ErrorCode::Unavailable, "journal device full; message not stored"),
+        JournalError::TooLarge { .. } => (ErrorCode::LimitExceeded, "message larger than the journal's record limit"),
+        JournalError::Closed => (ErrorCode::Unavailable, "shutting down; message not stored"),
+        JournalError::IntervalNotAllowed | JournalError::Config(_) => (ErrorCode::Internal, "journal misconfigured"),
+        JournalError::Failed(_) | JournalError::ForeignShard { .. } | JournalError::Io { .. } => {
+            (ErrorCode::Unavailable, "journal failed; this shard refuses durable publishes until restarted")
         }
     }
 }

@@ -27,8 +27,11 @@ fn wait_ready(stderr: &mut impl BufRead) -> (SocketAddr, SocketAddr) {
 
 #[test]
 fn sigterm_sends_goaway_drains_and_exits_zero() {
+    // The default durability (sync): the journal lives in a directory of the test's own.
+    let dir = common::TempDir::new("lifecycle");
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--shards", "2"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--shards", "2", "--data-dir"])
+        .arg(dir.path())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())

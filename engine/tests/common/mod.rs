@@ -26,6 +26,44 @@ pub fn test_config(shards: usize) -> Config {
     for class in &mut config.pool.classes {
         class.slots = class.slots.min(512);
     }
+    // Memory only: these tests are about the data plane; tests/durability.rs covers the journal
+    // (and the binary's tests run with the default, `sync`).
+    config.journal.durability = switchboard::config::DurabilityMode::None;
+    config
+}
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("switchboard-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A durable config: `test_config` with the journal in `dir`.
+pub fn durable_config(shards: usize, dir: &std::path::Path, durability: switchboard::config::DurabilityMode) -> Config {
+    let mut config = test_config(shards);
+    config.journal.durability = durability;
+    config.server.data_dir = dir.to_path_buf();
+    // Small segments so tests roll them.
+    config.journal.store.segment_bytes = 4 << 20;
+    config.journal.store.shard_bytes_max = 64 << 20;
     config
 }
 

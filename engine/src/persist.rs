@@ -1,0 +1,269 @@
+//! What the shards keep in their journals, and how sessions come back from it after a restart.
+//!
+//! The journal (`journal/`) stores opaque records keyed by a conversation id; this module owns
+//! their contents for the engine:
+//! - a message record's payload is `[tenant length: u8][tenant][client_msg_id: u64 LE]` followed
+//!   by the message's encoded DELIVER frame, exactly the bytes kept in memory history, so a
+//!   restored message is replayed as is (only its epoch field is rewritten when the epoch moved);
+//! - a read-cursor record's payload is `[tenant length: u8][tenant][session length: u8][session]
+//!   [participant length: u8][participant]`, the cursor being the record's seq;
+//! - the conversation id is [`SessionKey::conversation_id`], a fixed-key hash: ids of different
+//!   sessions may collide, so every record names its session and restore goes by that name.
+//!
+//! It also owns the data directory's layout file: the shard count (sessions are placed by
+//! `hash % shards`, so a journal only makes sense with the count it was written with) and the
+//! epoch base that makes session epochs differ between two data directories.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::BytesMut;
+use switchboard_protocol::{Frame, Limits, Text, HEADER_BYTES};
+
+use crate::journal::{DmaStorage, Journal, JournalError, RecordKind, StoredRecord};
+use crate::mesh::SessionKey;
+use crate::session::{Session, StoredMessage};
+
+/// Bytes of a message record's payload before its DELIVER frame.
+pub fn message_prefix_bytes(tenant: &Text) -> usize {
+    1 + tenant.len() + 8
+}
+
+/// Writes a message record's payload into `out` (cleared first).
+pub fn encode_message(out: &mut Vec<u8>, tenant: &Text, client_msg_id: u64, deliver_frame: &[u8]) {
+    out.clear();
+    out.push(tenant.len() as u8);
+    out.extend_from_slice(tenant.as_bytes());
+    out.extend_from_slice(&client_msg_id.to_le_bytes());
+    out.extend_from_slice(deliver_frame);
+}
+
+/// Writes a read-cursor record's payload into `out` (cleared first).
+pub fn encode_read_cursor(out: &mut Vec<u8>, key: &SessionKey, participant: &Text) {
+    out.clear();
+    for text in [&key.tenant, &key.session, participant] {
+        out.push(text.len() as u8);
+        out.extend_from_slice(text.as_bytes());
+    }
+}
+
+/// Where a DELIVER frame's sender id sits: after the header, the session id and four fixed
+/// fields (epoch, seq, timestamp, trace id) and its own length byte.
+pub fn deliver_sender_at(session: &Text, sender: &Text) -> (u16, u8) {
+    ((HEADER_BYTES + 1 + session.len() + 8 + 8 + 8 + 16 + 1) as u16, sender.len() as u8)
+}
+
+/// Where a DELIVER frame's epoch sits.
+fn deliver_epoch_at(session: &Text) -> usize {
+    HEADER_BYTES + 1 + session.len()
+}
+
+/// Why a record could not be restored (it is skipped and counted, never fatal).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// The payload is shorter than its own lengths say.
+    #[error("record payload truncated")]
+    Truncated,
+    /// The DELIVER frame inside does not decode.
+    #[error("stored DELIVER frame does not decode: {0}")]
+    Frame(String),
+    /// The stored frame is not a DELIVER, or its seq differs from the record's.
+    #[error("stored frame does not match its record")]
+    Mismatch,
+}
+
+fn take_text(bytes: &[u8], at: &mut usize) -> Result<Text, RestoreError> {
+    let len = usize::from(*bytes.get(*at).ok_or(RestoreError::Truncated)?);
+    let text = bytes.get(*at + 1..*at + 1 + len).ok_or(RestoreError::Truncated)?;
+    *at += 1 + len;
+    std::str::from_utf8(text).map(Text::from).map_err(|_| RestoreError::Truncated)
+}
+
+/// A message record decoded: its session and the message as history keeps it (epoch field
+/// rewritten to `epoch`).
+pub fn decode_message(record: &StoredRecord, epoch: u64) -> Result<(SessionKey, StoredMessage), RestoreError> {
+    let payload = &record.payload[..];
+    let mut at = 0;
+    let tenant = take_text(payload, &mut at)?;
+    let id_bytes = payload.get(at..at + 8).ok_or(RestoreError::Truncated)?;
+    let client_msg_id = u64::from_le_bytes(id_bytes.try_into().map_err(|_| RestoreError::Truncated)?);
+    at += 8;
+    let mut frame = BytesMut::from(&payload[at..]);
+    let limits = Limits::default();
+    let decoded = switchboard_protocol::decode(&mut frame.clone(), &limits).map_err(|error| RestoreError::Frame(error.to_string()))?;
+    let Some(envelope) = decoded else { return Err(RestoreError::Truncated) };
+    let Frame::Deliver(deliver) = envelope.frame else { return Err(RestoreError::Mismatch) };
+    if deliver.seq != record.seq {
+        return Err(RestoreError::Mismatch);
+    }
+    let epoch_at = deliver_epoch_at(&deliver.session);
+    frame[epoch_at..epoch_at + 8].copy_from_slice(&epoch.to_le_bytes());
+    let sender_at = deliver_sender_at(&deliver.session, &deliver.sender);
+    let key = SessionKey { tenant, session: deliver.session };
+    Ok((key, StoredMessage::restored(record.seq, client_msg_id, sender_at, frame.freeze())))
+}
+
+/// A read-cursor record decoded: session, participant, cursor.
+pub fn decode_read_cursor(record: &StoredRecord) -> Result<(SessionKey, Text, u64), RestoreError> {
+    let payload = &record.payload[..];
+    let mut at = 0;
+    let tenant = take_text(payload, &mut at)?;
+    let session = take_text(payload, &mut at)?;
+    let participant = take_text(payload, &mut at)?;
+    Ok((SessionKey { tenant, session }, participant, record.seq))
+}
+
+/// What restoring a shard's sessions found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Sessions rebuilt.
+    pub sessions: u64,
+    /// Messages put back in history.
+    pub messages: u64,
+    /// Read cursors put back.
+    pub read_cursors: u64,
+    /// Records that did not decode (skipped; logged).
+    pub records_skipped: u64,
+    /// Frames whose check failed on read-back.
+    pub damaged_frames: u64,
+}
+
+/// Rebuilds every session the journal retains: its newest `history_messages_max` messages,
+/// its head seq and its read cursors, in `epoch`.
+pub async fn restore_sessions(
+    journal: &Journal<DmaStorage>,
+    epoch: u64,
+    history_messages_max: usize,
+) -> Result<(Vec<(SessionKey, Session)>, RestoreStats), JournalError> {
+    let mut stats = RestoreStats::default();
+    let mut messages: HashMap<SessionKey, Vec<StoredMessage>> = HashMap::new();
+    let mut cursors: HashMap<SessionKey, Vec<(Text, u64)>> = HashMap::new();
+    for head in journal.conversation_heads() {
+        if let Some(last) = head.last_seq {
+            let from = (last + 1).saturating_sub(history_messages_max as u64).max(head.first_seq.unwrap_or(0));
+            let read = journal.read_messages(head.conversation, from, history_messages_max).await?;
+            stats.damaged_frames += u64::from(read.damaged_frames);
+            for record in &read.records {
+                match decode_message(record, epoch) {
+                    Ok((key, message)) => messages.entry(key).or_default().push(message),
+                    Err(error) => {
+                        stats.records_skipped += 1;
+                        tracing::warn!(conversation = head.conversation, seq = record.seq, %error, "journal record skipped");
+                    }
+                }
+            }
+        }
+        let state_records = journal.read_state(head.conversation).await?;
+        stats.damaged_frames += u64::from(state_records.damaged_frames);
+        for record in state_records.records.iter().filter(|r| r.kind == RecordKind::ReadCursor) {
+            match decode_read_cursor(record) {
+                Ok((key, participant, seq)) => cursors.entry(key).or_default().push((participant, seq)),
+                Err(error) => {
+                    stats.records_skipped += 1;
+                    tracing::warn!(conversation = head.conversation, %error, "journal read cursor skipped");
+                }
+            }
+        }
+    }
+    let mut sessions = Vec::with_capacity(messages.len());
+    for (key, mut history) in messages {
+        history.sort_by_key(|message| message.seq);
+        history.dedup_by_key(|message| message.seq);
+        let head_seq = history.last().map_or(0, |message| message.seq);
+        stats.messages += history.len().min(history_messages_max) as u64;
+        let mut session = Session::restored(epoch, history_messages_max, head_seq, history);
+        for (participant, seq) in cursors.remove(&key).unwrap_or_default() {
+            session.set_read_cursor(&participant, seq);
+            stats.read_cursors += 1;
+        }
+        sessions.push((key, session));
+    }
+    stats.sessions = sessions.len() as u64;
+    Ok((sessions, stats))
+}
+
+/// The data directory's layout file.
+const LAYOUT_FILE: &str = "LAYOUT.toml";
+
+/// What the data directory was created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Layout {
+    /// Shards (each with a journal under `shard-N`).
+    pub shards: usize,
+    /// Added to every journal epoch to form session epochs, chosen at random when the
+    /// directory is created: a wiped directory's sessions never reuse an old directory's epochs.
+    pub epoch_base: u64,
+}
+
+/// Why the data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// Reading or writing the directory failed.
+    #[error("data directory {dir}: {source}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The layout file is not ours.
+    #[error("data directory {dir}: {LAYOUT_FILE} is unreadable: {reason}")]
+    Corrupt {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Started with another shard count than the journals were written with.
+    #[error(
+        "data directory {dir} was written by {found} shards, not {wanted}: sessions are placed by hash % shards, so start with --shards {found} (or move the directory away to start empty)"
+    )]
+    ShardCount {
+        /// The directory.
+        dir: PathBuf,
+        /// Shards now.
+        wanted: usize,
+        /// Shards it was written with.
+        found: usize,
+    },
+}
+
+/// Opens (creating when absent) the data directory's layout for `shards` shards.
+pub fn open_layout(dir: &Path, shards: usize, fresh_epoch: u64) -> Result<Layout, LayoutError> {
+    let io_error = |source| LayoutError::Io { dir: dir.to_path_buf(), source };
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    let path = dir.join(LAYOUT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let layout: Layout =
+                toml::from_str(&text).map_err(|error| LayoutError::Corrupt { dir: dir.to_path_buf(), reason: error.to_string() })?;
+            if layout.shards != shards {
+                return Err(LayoutError::ShardCount { dir: dir.to_path_buf(), wanted: shards, found: layout.shards });
+            }
+            Ok(layout)
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            // Leave room for many epoch bumps before wrapping.
+            let layout = Layout { shards, epoch_base: fresh_epoch >> 8 << 8 };
+            let text = toml::to_string(&layout).map_err(|error| LayoutError::Corrupt { dir: dir.to_path_buf(), reason: error.to_string() })?;
+            let temp = dir.join(format!("{LAYOUT_FILE}.tmp"));
+            std::fs::write(&temp, text).map_err(io_error)?;
+            std::fs::File::open(&temp).and_then(|file| file.sync_all()).map_err(io_error)?;
+            std::fs::rename(&temp, &path).map_err(io_error)?;
+            std::fs::File::open(dir).and_then(|file| file.sync_all()).map_err(io_error)?;
+            Ok(layout)
+        }
+        Err(error) => Err(io_error(error)),
+    }
+}
+
+/// The journal directory of one shard.
+pub fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+/// A session epoch from a journal epoch.
+pub fn session_epoch(layout: &Layout, journal_epoch: u64) -> u64 {
+    layout.epoch_base.wrapping_add(journal_epoch).max(1)
+}
