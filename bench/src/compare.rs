@@ -45,6 +45,10 @@ impl ServerSpec {
                 "1".into(),
                 "--data-dir".into(),
                 scratch.display().to_string(),
+                // The peers here keep nothing (NATS core, Redis pub/sub): compare like with like.
+                // The durable comparison (journal vs JetStream) runs separately.
+                "--durability".into(),
+                "none".into(),
             ],
         })
     }
