@@ -24,6 +24,40 @@ const READ_CHUNK_BYTES: usize = 4 << 20;
 /// Chunks of one read in flight at once.
 const READS_IN_FLIGHT_MAX: usize = 4;
 
+/// Faults injected into every [`DmaStorage`] of the process, for the engine's fault tests
+/// (`engine/tests/journal_faults.rs`); nothing else sets them. One relaxed atomic load per
+/// write and per fdatasync when unset.
+pub mod faults {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static NO_SPACE: AtomicBool = AtomicBool::new(false);
+    static FAIL_NEXT_FDATASYNC: AtomicBool = AtomicBool::new(false);
+
+    /// While set, every journal write fails with ENOSPC (a full device).
+    pub fn set_no_space(full: bool) {
+        NO_SPACE.store(full, Ordering::Relaxed);
+    }
+
+    /// The next fdatasync fails with EIO.
+    pub fn fail_next_fdatasync() {
+        FAIL_NEXT_FDATASYNC.store(true, Ordering::Relaxed);
+    }
+
+    pub(super) fn write() -> std::io::Result<()> {
+        if NO_SPACE.load(Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+
+    pub(super) fn fdatasync() -> std::io::Result<()> {
+        if FAIL_NEXT_FDATASYNC.load(Ordering::Relaxed) && FAIL_NEXT_FDATASYNC.swap(false, Ordering::Relaxed) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
 /// Polls every future until all are done; results in order.
 async fn join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
     let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
@@ -190,12 +224,14 @@ impl StorageFile for DmaStorageFile {
     }
 
     async fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<usize> {
+        faults::write()?;
         let mut buf = self.file.alloc_dma_buffer(data.len());
         buf.as_bytes_mut().copy_from_slice(data);
         Ok(self.file.write_at(buf, pos).await?)
     }
 
     async fn fdatasync(&self) -> io::Result<()> {
+        faults::fdatasync()?;
         Ok(self.file.fdatasync().await?)
     }
 
