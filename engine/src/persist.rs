@@ -130,44 +130,33 @@ pub struct RestoreStats {
 }
 
 /// Rebuilds every session the journal retains: its newest `history_messages_max` messages,
-/// its head seq and its read cursors, in `epoch`.
+/// its head seq and its read cursors, in `epoch`. Reads each retained frame once.
 pub async fn restore_sessions(
     journal: &Journal<DmaStorage>,
     epoch: u64,
     history_messages_max: usize,
 ) -> Result<(Vec<(SessionKey, Session)>, RestoreStats), JournalError> {
-    let mut stats = RestoreStats::default();
+    let read = journal.read_all_retained(history_messages_max).await?;
+    let mut stats = RestoreStats { damaged_frames: u64::from(read.damaged_frames), ..RestoreStats::default() };
     let mut messages: HashMap<SessionKey, Vec<StoredMessage>> = HashMap::new();
     let mut cursors: HashMap<SessionKey, Vec<(Text, u64)>> = HashMap::new();
-    for head in journal.conversation_heads() {
-        if let Some(last) = head.last_seq {
-            let from = (last + 1).saturating_sub(history_messages_max as u64).max(head.first_seq.unwrap_or(0));
-            let read = journal.read_messages(head.conversation, from, history_messages_max).await?;
-            stats.damaged_frames += u64::from(read.damaged_frames);
-            for record in &read.records {
-                match decode_message(record, epoch) {
-                    Ok((key, message)) => messages.entry(key).or_default().push(message),
-                    Err(error) => {
-                        stats.records_skipped += 1;
-                        tracing::warn!(conversation = head.conversation, seq = record.seq, %error, "journal record skipped");
-                    }
-                }
+    for record in &read.records {
+        let decoded = match record.kind {
+            RecordKind::Message => decode_message(record, epoch).map(|(key, message)| messages.entry(key).or_default().push(message)),
+            RecordKind::ReadCursor => {
+                decode_read_cursor(record).map(|(key, participant, seq)| cursors.entry(key).or_default().push((participant, seq)))
             }
-        }
-        let state_records = journal.read_state(head.conversation).await?;
-        stats.damaged_frames += u64::from(state_records.damaged_frames);
-        for record in state_records.records.iter().filter(|r| r.kind == RecordKind::ReadCursor) {
-            match decode_read_cursor(record) {
-                Ok((key, participant, seq)) => cursors.entry(key).or_default().push((participant, seq)),
-                Err(error) => {
-                    stats.records_skipped += 1;
-                    tracing::warn!(conversation = head.conversation, %error, "journal read cursor skipped");
-                }
-            }
+            // Conversation events are the desk's to restore.
+            RecordKind::ConversationEvent => Ok(()),
+        };
+        if let Err(error) = decoded {
+            stats.records_skipped += 1;
+            tracing::warn!(conversation = record.conversation, seq = record.seq, %error, "journal record skipped");
         }
     }
     let mut sessions = Vec::with_capacity(messages.len());
     for (key, mut history) in messages {
+        // Journal order is seq order within a session; a compaction copy may repeat a seq.
         history.sort_by_key(|message| message.seq);
         history.dedup_by_key(|message| message.seq);
         let head_seq = history.last().map_or(0, |message| message.seq);

@@ -889,7 +889,17 @@ impl Shard {
         while !self.shutdown.is_set() {
             glommio::timer::Timer::new(interval).await;
             if journal.health() == Health::NoSpace {
-                journal.resume_after_no_space();
+                // Try again only once the device has room for a whole segment: retrying blindly
+                // would flap between healthy and full while publishers retry.
+                let room = crate::journal::dma::has_room(journal.storage().dir(), journal.config().segment_bytes);
+                match room {
+                    Ok(true) => {
+                        tracing::info!(shard = self.index, "journal device has room again: accepting durable publishes");
+                        journal.resume_after_no_space();
+                    }
+                    Ok(false) => {}
+                    Err(error) => tracing::warn!(shard = self.index, %error, "cannot read the journal device's free space"),
+                }
             }
             match journal.apply_retention(Self::now_us()).await {
                 Ok(outcome) if outcome.segments_deleted > 0 => {

@@ -43,8 +43,13 @@ pub mod faults {
         FAIL_NEXT_FDATASYNC.store(true, Ordering::Relaxed);
     }
 
+    /// True while a full device is simulated.
+    pub fn no_space() -> bool {
+        NO_SPACE.load(Ordering::Relaxed)
+    }
+
     pub(super) fn write() -> std::io::Result<()> {
-        if NO_SPACE.load(Ordering::Relaxed) {
+        if no_space() {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
         Ok(())
@@ -56,6 +61,22 @@ pub mod faults {
         }
         Ok(())
     }
+}
+
+/// True when the file system holding `dir` has at least `bytes` available to this process
+/// (statvfs), so a journal that found its device full may try writing again.
+pub fn has_room(dir: &Path, bytes: u64) -> io::Result<bool> {
+    if faults::no_space() {
+        return Ok(false);
+    }
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a zeroed statvfs is a valid out-parameter; the path is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &raw mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(stat.f_bavail).saturating_mul(stat.f_frsize) >= bytes)
 }
 
 /// Polls every future until all are done; results in order.

@@ -13,7 +13,8 @@
 //! - [`scan`]: the recovery scanner over one segment's bytes (pure).
 //! - [`index`]: per-conversation rings (seq → segment, frame, record), segment pins, snapshot
 //!   codec (pure).
-//! - [`reader`]: resume reads ([`Journal::read_messages`]) and retention.
+//! - [`reader`]: resume reads ([`Journal::read_messages`]) and retention; [`bulk`]: everything
+//!   retained in one pass ([`Journal::read_all_retained`]), for rebuilding sessions at start.
 //! - [`storage`]: the [`Storage`] trait and [`MemStorage`] (in memory, fault injection);
 //!   [`dma`]: [`DmaStorage`], the glommio direct-I/O backend the engine uses.
 //! - [`inspect`]: `switchboard journal inspect|verify DIR`.
@@ -30,6 +31,7 @@
 //! journal.close().await?;                                      // graceful shutdown
 //! ```
 
+pub mod bulk;
 pub mod dma;
 pub mod format;
 pub mod index;
