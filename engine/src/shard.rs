@@ -35,6 +35,8 @@ use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
 use crate::uring::{ConnSlot, EnqueueError, OutBuf, UringSender};
 
+mod desk_host;
+
 /// A set of shard indexes (at most 256 shards).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct ShardSet([u64; 4]);
@@ -166,6 +168,8 @@ pub struct Shard {
     pub shutdown: Rc<Latch>,
     /// Token verification; `None` when no tenant is configured (open mode).
     pub auth: Option<crate::auth::Authenticator>,
+    /// The customer-service side: desks of tenants hashed here, roles of local connections.
+    desk: desk_host::DeskHost,
 }
 
 fn link_stats<T: Send + 'static>(links: &[Option<Rc<PeerLink<T>>>]) -> Vec<(usize, LinkStats)> {
@@ -213,7 +217,9 @@ impl Shard {
     ) -> Rc<Shard> {
         let limits = switchboard_protocol::Limits { frame_body_bytes_max: config.limits.frame_body_bytes_max };
         let auth = crate::auth::Authenticator::new(&config.tenants, config.auth.leeway_s);
+        let desk = desk_host::DeskHost::default();
         Rc::new_cyclic(|me| Shard {
+            desk,
             me: me.clone(),
             index,
             shards,
@@ -312,6 +318,7 @@ impl Shard {
     /// Forgets a connection whose reader has stopped: its subscriptions end; its sender slot
     /// is released once in-flight sends complete (a last ERROR or GOAWAY is still flushed).
     pub(crate) fn remove_conn(&self, conn: ConnId) {
+        self.desk_conn_closed(conn);
         let Some(entry) = self.state.borrow_mut().conns.remove(&conn) else { return };
         for key in &entry.subscriptions {
             self.drop_local_subscriber(conn, key);
@@ -655,6 +662,29 @@ impl Shard {
         self.reply(origin, Event::PubAck { conn, correlation, session: key.session.clone(), client_msg_id, epoch, seq, duplicate });
     }
 
+    /// Appends a server-built frame (a CONVERSATION_EVENT) to a session, as `owner_publish`
+    /// appends a message: the owner stamps epoch, seq and timestamp, keeps it in history (so a
+    /// resume replays it in order with the messages) and fans it out. Returns the encoded frame,
+    /// or `None` when the shard's session limit refuses the session (counted).
+    fn owner_append(&self, key: &SessionKey, mut frame: Frame) -> Option<Bytes> {
+        let mut state = self.state.borrow_mut();
+        let owned = self.session_mut(&mut state, key)?;
+        let timestamp_us = Self::now_us();
+        let mut encode = |epoch: u64, seq: u64| {
+            if let Frame::ConversationEvent(event) = &mut frame {
+                (event.epoch, event.seq, event.timestamp_us) = (epoch, seq, timestamp_us);
+            }
+            // No sender: client_msg_id 0 below keeps it out of the idempotency check.
+            (self.encode_heap(&frame, 0), (0, 0))
+        };
+        owned.session.publish("", 0, &mut encode);
+        let encoded = owned.session.last().expect("a frame was just appended").frame.clone();
+        let interest = owned.interest;
+        drop(state);
+        self.fanout_encoded(key, interest, encoded.clone(), 0);
+        Some(encoded)
+    }
+
     /// Sends a frame to every subscriber of `key`.
     fn fanout(&self, key: &SessionKey, interest: ShardSet, frame: &Frame, ingress_raw: u64) {
         self.fanout_encoded(key, interest, self.encode_heap(frame, 0), ingress_raw);
@@ -763,6 +793,7 @@ impl Shard {
                 self.owner_read_cursor(origin, conn, correlation, &key, &participant, seq);
             }
             Request::Typing { key, participant, active } => self.owner_typing(&key, &participant, active),
+            Request::Desk(request) => self.desk_request(origin, request),
         }
         self.wait_for_event_room(origin).await;
     }
@@ -783,6 +814,12 @@ impl Shard {
             }
             Event::Failed { conn, correlation, code, message } => self.fail_request(conn, correlation, code, message),
             Event::Done { conn, correlation } => self.send_frame(conn, &Frame::Success(Success {}), correlation),
+            event @ (Event::DeskAnswer { .. }
+            | Event::ConversationEvent { .. }
+            | Event::Revoke { .. }
+            | Event::RevokeConn { .. }
+            | Event::SupervisorFeed { .. }
+            | Event::ToConn { .. }) => self.desk_event(event),
         }
     }
 
