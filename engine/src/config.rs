@@ -98,7 +98,7 @@ pub struct DeskConfig {
     pub agent_grace_ms: u64,
     /// Handle time assumed for the estimated wait before any is measured, in milliseconds.
     pub initial_handle_ms: u64,
-    /// Open conversations of the tenant; OPEN_CONVERSATION past it gets ERROR(LimitExceeded).
+    /// Open conversations of the tenant; `OPEN_CONVERSATION` past it gets ERROR(LimitExceeded).
     pub conversations_max: usize,
     /// Agents of the tenant (kept once seen).
     pub agents_max: usize,
@@ -180,7 +180,7 @@ pub struct RateLimitsConfig {
     pub connection_publishes_per_s: u64,
     /// PUBLISH payload bytes per connection, per second.
     pub connection_publish_bytes_per_s: u64,
-    /// OPEN_CONVERSATION frames per connection, per second.
+    /// `OPEN_CONVERSATION` frames per connection, per second.
     pub connection_opens_per_s: u64,
     /// SUBSCRIBE frames per connection, per second.
     pub connection_subscribes_per_s: u64,
@@ -188,7 +188,7 @@ pub struct RateLimitsConfig {
     pub tenant_publishes_per_s: u64,
     /// PUBLISH payload bytes per tenant, per second.
     pub tenant_publish_bytes_per_s: u64,
-    /// OPEN_CONVERSATION frames per tenant, per second.
+    /// `OPEN_CONVERSATION` frames per tenant, per second.
     pub tenant_opens_per_s: u64,
     /// SUBSCRIBE frames per tenant, per second.
     pub tenant_subscribes_per_s: u64,

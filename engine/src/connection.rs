@@ -279,40 +279,12 @@ impl Reader {
                 let key = self.key(&typing.session);
                 shard.typing(key, typing.participant, typing.active).await;
             }
-            Frame::OpenConversation(open) => {
-                if !self.admit(correlation, Limited::Opens, 0) {
-                    return Flow::Continue;
-                }
-                let skills = open.skills.iter().map(own).collect();
-                // The context is not kept yet: the desk has no place for it (see README status).
-                let op = DeskOp::Open { session: own(&open.session), customer: own(&open.customer), priority: open.priority, skills };
-                shard.desk_call(conn, correlation, op).await;
-            }
-            Frame::AgentStatus(status) => {
-                let skills = status.skills.iter().map(own).collect();
-                let op = DeskOp::AgentStatus { agent: own(&status.agent), presence: status.presence, capacity: status.capacity, skills };
-                shard.desk_call(conn, correlation, op).await;
-            }
-            Frame::OfferResponse(response) => {
-                let op = DeskOp::OfferResponse { session: own(&response.session), agent: own(&response.agent), accept: response.accept };
-                shard.desk_call(conn, correlation, op).await;
-            }
-            Frame::Transfer(transfer) => {
-                let op = DeskOp::Transfer {
-                    session: own(&transfer.session),
-                    kind: transfer.target.kind,
-                    target: own(&transfer.target.name),
-                    note: own(&transfer.note),
-                };
-                shard.desk_call(conn, correlation, op).await;
-            }
-            Frame::CloseConversation(close) => {
-                let op = DeskOp::Close { session: own(&close.session), reason: own(&close.reason) };
-                shard.desk_call(conn, correlation, op).await;
-            }
-            Frame::TicketCommand(_) => {
-                shard.fail_request(conn, correlation, ErrorCode::NotImplemented, "tickets are not implemented yet");
-            }
+            frame @ (Frame::OpenConversation(_)
+            | Frame::AgentStatus(_)
+            | Frame::OfferResponse(_)
+            | Frame::Transfer(_)
+            | Frame::CloseConversation(_)
+            | Frame::TicketCommand(_)) => self.dispatch_desk(correlation, frame).await,
             Frame::Hello(_) => {
                 shard.protocol_error(conn, correlation, ErrorCode::HandshakeRequired, "HELLO sent twice".into());
                 return Flow::Close;
@@ -332,6 +304,48 @@ impl Reader {
             }
         }
         Flow::Continue
+    }
+
+    /// The customer-service frames: carried to the tenant's desk, which answers OK or ERROR.
+    async fn dispatch_desk(&self, correlation: u32, frame: Frame) {
+        match frame {
+            Frame::OpenConversation(open) => {
+                if !self.admit(correlation, Limited::Opens, 0) {
+                    return;
+                }
+                let skills = open.skills.iter().map(own).collect();
+                // The context is not kept yet: the desk has no place for it (see README status).
+                let op = DeskOp::Open { session: own(&open.session), customer: own(&open.customer), priority: open.priority, skills };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::AgentStatus(status) => {
+                let skills = status.skills.iter().map(own).collect();
+                let op = DeskOp::AgentStatus { agent: own(&status.agent), presence: status.presence, capacity: status.capacity, skills };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::OfferResponse(response) => {
+                let op = DeskOp::OfferResponse { session: own(&response.session), agent: own(&response.agent), accept: response.accept };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::Transfer(transfer) => {
+                let op = DeskOp::Transfer {
+                    session: own(&transfer.session),
+                    kind: transfer.target.kind,
+                    target: own(&transfer.target.name),
+                    note: own(&transfer.note),
+                };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::CloseConversation(close) => {
+                let op = DeskOp::Close { session: own(&close.session), reason: own(&close.reason) };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::TicketCommand(_) => {
+                self.shard.fail_request(self.conn, correlation, ErrorCode::NotImplemented, "tickets are not implemented yet");
+            }
+            // `dispatch` sends only the frames above here.
+            _ => {}
+        }
     }
 
     /// Takes from the connection's and the tenant's rate buckets; false (and ERROR(RateLimited)

@@ -62,7 +62,7 @@ impl SessionKey {
 }
 
 /// The shard that holds `tenant`'s desk (its agents, queues and conversation states):
-/// `hash(tenant) % shards`, with the same fixed-key SipHash as [`SessionKey::shard`].
+/// `hash(tenant) % shards`, with the same fixed-key `SipHash` as [`SessionKey::shard`].
 pub fn tenant_shard(tenant: &Text, shards: usize) -> usize {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     tenant.as_str().hash(&mut hasher);
@@ -83,7 +83,7 @@ pub struct DeskActor {
 /// What a connection asks of its tenant's desk. Ids own their memory (the desk keeps them).
 #[derive(Debug)]
 pub enum DeskOp {
-    /// OPEN_CONVERSATION.
+    /// `OPEN_CONVERSATION`.
     Open {
         /// The conversation's session id.
         session: Text,
@@ -94,7 +94,7 @@ pub enum DeskOp {
         /// Skills asked for.
         skills: Vec<Text>,
     },
-    /// AGENT_STATUS from a client.
+    /// `AGENT_STATUS` from a client.
     AgentStatus {
         /// The agent.
         agent: Text,
@@ -105,7 +105,7 @@ pub enum DeskOp {
         /// Skills.
         skills: Vec<Text>,
     },
-    /// OFFER_RESPONSE.
+    /// `OFFER_RESPONSE`.
     OfferResponse {
         /// The conversation.
         session: Text,
@@ -125,7 +125,7 @@ pub enum DeskOp {
         /// Note for the next agent.
         note: Text,
     },
-    /// CLOSE_CONVERSATION.
+    /// `CLOSE_CONVERSATION`.
     Close {
         /// The conversation.
         session: Text,
@@ -133,12 +133,12 @@ pub enum DeskOp {
         reason: Text,
     },
     /// May the actor watch (subscribe to, publish in) this conversation? Asked before a
-    /// customer's or agent's SUBSCRIBE, PUBLISH, READ_CURSOR or TYPING.
+    /// customer's or agent's `SUBSCRIBE`, `PUBLISH`, `READ_CURSOR` or `TYPING`.
     Watch {
         /// The conversation.
         session: Text,
     },
-    /// The connection closed; it spoke for these agents (AGENT_STATUS or watching as one).
+    /// The connection closed; it spoke for these agents (`AGENT_STATUS` or watching as one).
     ConnLost {
         /// The agents.
         agents: Vec<Text>,

@@ -64,7 +64,7 @@ pub enum Limited {
     Publishes,
     /// PUBLISH payload bytes.
     PublishBytes,
-    /// OPEN_CONVERSATION frames.
+    /// `OPEN_CONVERSATION` frames.
     Opens,
     /// SUBSCRIBE frames.
     Subscribes,
@@ -125,7 +125,7 @@ impl RateBuckets {
         self.publish_bytes.take(bytes);
     }
 
-    /// Checks an OPEN_CONVERSATION; nothing is taken.
+    /// Checks an `OPEN_CONVERSATION`; nothing is taken.
     pub fn check_open(&mut self, now_us: u64) -> Result<(), Limited> {
         if self.opens.has(1, now_us) {
             Ok(())
@@ -134,7 +134,7 @@ impl RateBuckets {
         }
     }
 
-    /// Takes an OPEN_CONVERSATION.
+    /// Takes an `OPEN_CONVERSATION`.
     pub fn take_open(&mut self) {
         self.opens.take(1);
     }

@@ -662,7 +662,7 @@ impl Shard {
         self.reply(origin, Event::PubAck { conn, correlation, session: key.session.clone(), client_msg_id, epoch, seq, duplicate });
     }
 
-    /// Appends a server-built frame (a CONVERSATION_EVENT) to a session, as `owner_publish`
+    /// Appends a server-built frame (a `CONVERSATION_EVENT`) to a session, as `owner_publish`
     /// appends a message: the owner stamps epoch, seq and timestamp, keeps it in history (so a
     /// resume replays it in order with the messages) and fans it out. Returns the encoded frame,
     /// or `None` when the shard's session limit refuses the session (counted).

@@ -61,8 +61,8 @@ impl Client {
         Client { raw, backlog: VecDeque::new(), name: format!("{role} {sub}@{tenant}") }
     }
 
-    fn send(&mut self, frame: Frame) -> u32 {
-        self.raw.send(&frame)
+    fn send(&mut self, frame: &Frame) -> u32 {
+        self.raw.send(frame)
     }
 
     /// The first frame (backlog first, then the socket) `pick` accepts; the others stay queued.
@@ -89,16 +89,16 @@ impl Client {
         }
     }
 
-    fn request_ok(&mut self, frame: Frame) {
-        let correlation = self.send(frame.clone());
+    fn request_ok(&mut self, frame: &Frame) {
+        let correlation = self.send(frame);
         if let Err(error) = self.answer(correlation) {
             panic!("{}: {frame:?} refused: {error:?}", self.name);
         }
     }
 
     /// Sends `frame` and expects ERROR with `code`.
-    fn refused(&mut self, frame: Frame, code: ErrorCode) -> String {
-        let correlation = self.send(frame.clone());
+    fn refused(&mut self, frame: &Frame, code: ErrorCode) -> String {
+        let correlation = self.send(frame);
         match self.answer_any(correlation) {
             Frame::Error(error) => {
                 assert_eq!(ErrorCode::from_u16(error.code), code, "{}: {frame:?} -> {}", self.name, error.message);
@@ -114,14 +114,14 @@ impl Client {
     }
 
     fn subscribe(&mut self, session: &str, from: ResumeFrom) -> Subscribed {
-        let correlation = self.send(Frame::Subscribe(Subscribe { session: session.into(), from }));
+        let correlation = self.send(&Frame::Subscribe(Subscribe { session: session.into(), from }));
         match self.answer_any(correlation) {
             Frame::Subscribed(subscribed) => subscribed,
             other => panic!("{}: SUBSCRIBE {session}: {other:?}", self.name),
         }
     }
 
-    /// The next CONVERSATION_EVENT of `session` of `kind` in the session's order (seq > 0).
+    /// The next `CONVERSATION_EVENT` of `session` of `kind` in the session's order (seq > 0).
     fn event(&mut self, session: &str, kind: Kind) -> ConversationEvent {
         self.wait_for(&format!("{kind:?} on {session}"), |e| match &e.frame {
             Frame::ConversationEvent(ev) if ev.session == session && ev.kind == kind && ev.seq > 0 => Some(ev.clone()),
@@ -160,7 +160,7 @@ impl Client {
     }
 
     fn publish(&mut self, session: &str, sender: &str, payload: &[u8]) -> Result<u64, (ErrorCode, String)> {
-        let correlation = self.send(Raw::publish_frame(session, sender, 0, payload));
+        let correlation = self.send(&Raw::publish_frame(session, sender, 0, payload));
         match self.answer_any(correlation) {
             Frame::PubAck(ack) => Ok(ack.seq),
             Frame::Error(error) => Err((ErrorCode::from_u16(error.code), error.message.to_string())),
@@ -171,7 +171,7 @@ impl Client {
     /// Round-trips a PING and returns every frame that arrived before the PONG (the connection
     /// is alive, and nothing else is in flight to it).
     fn drain(&mut self) -> Vec<Frame> {
-        let correlation = self.send(Frame::Ping(Ping { nonce: 7 }));
+        let correlation = self.send(&Frame::Ping(Ping { nonce: 7 }));
         self.wait_for("PONG", |e| (e.correlation == correlation && matches!(e.frame, Frame::Pong(_))).then_some(()));
         self.backlog.drain(..).map(|e| e.frame).collect()
     }
@@ -216,7 +216,7 @@ fn a_conversation_from_open_to_close() {
         let mut cus = Client::connect(addr, "acme", "customer", "cus-1");
 
         // Queued with a position, seen by the customer (on its session) and the supervisor.
-        cus.request_ok(open("conv-1", "cus-1"));
+        cus.request_ok(&open("conv-1", "cus-1"));
         let subscribed = cus.subscribe("conv-1", ResumeFrom::Earliest);
         let queued = cus.event("conv-1", Kind::Queued);
         assert_eq!((queued.position, queued.queue.as_str(), queued.seq), (1, "default", 1), "{queued:?}");
@@ -225,7 +225,7 @@ fn a_conversation_from_open_to_close() {
 
         // An agent comes online and is offered it (directly, and on the session).
         let mut ann = Client::connect(addr, "acme", "agent", "ann");
-        ann.request_ok(online("ann", 2));
+        ann.request_ok(&online("ann", 2));
         assert_eq!(ann.notification("conv-1", Kind::Offered).agent, "ann");
         let offered = cus.event("conv-1", Kind::Offered);
         assert_eq!((offered.agent.as_str(), offered.seq), ("ann", 2));
@@ -233,7 +233,7 @@ fn a_conversation_from_open_to_close() {
         assert_eq!((status.presence, status.capacity), (AgentPresence::Online, 2));
 
         // Accept, then chat; events and messages share one order.
-        ann.request_ok(respond("conv-1", "ann", true));
+        ann.request_ok(&respond("conv-1", "ann", true));
         assert_eq!(cus.event("conv-1", Kind::Accepted).seq, 3);
         assert_eq!(cus.event("conv-1", Kind::Assigned).seq, 4);
         let ann_sub = ann.subscribe("conv-1", ResumeFrom::Earliest);
@@ -253,12 +253,12 @@ fn a_conversation_from_open_to_close() {
 
         // Transfer to another agent, who accepts; the first agent is out.
         let mut bob = Client::connect(addr, "acme", "agent", "bob");
-        bob.request_ok(online("bob", 1));
-        ann.request_ok(transfer_to_agent("conv-1", "bob", "billing question"));
+        bob.request_ok(&online("bob", 1));
+        ann.request_ok(&transfer_to_agent("conv-1", "bob", "billing question"));
         let transferred = cus.event("conv-1", Kind::Transferred);
         assert_eq!((transferred.agent.as_str(), transferred.reason.as_str()), ("bob", "billing question"));
         assert_eq!(bob.notification("conv-1", Kind::Offered).reason, "billing question");
-        bob.request_ok(respond("conv-1", "bob", true));
+        bob.request_ok(&respond("conv-1", "bob", true));
         assert_eq!(cus.event("conv-1", Kind::Assigned).agent, "bob");
         let (code, _) = ann.publish("conv-1", "ann", b"still here?").unwrap_err();
         assert_eq!(code, ErrorCode::Forbidden, "a transferred-away agent may not publish");
@@ -279,7 +279,7 @@ fn a_conversation_from_open_to_close() {
         assert_eq!(cus.deliver_from("conv-1", "bob").seq, missed);
 
         // Close: everyone sees it; the customer may no longer publish.
-        bob.request_ok(close("conv-1", "resolved"));
+        bob.request_ok(&close("conv-1", "resolved"));
         assert_eq!(cus.event("conv-1", Kind::Closed).reason, "resolved");
         assert_eq!(sup.event("conv-1", Kind::Closed).agent, "bob");
         assert_eq!(cus.publish("conv-1", "cus-1", b"thanks").unwrap_err().0, ErrorCode::Forbidden);
@@ -292,9 +292,9 @@ fn every_cross_tenant_and_cross_role_attempt_is_refused() {
     let engine = engine(3, short_desk(), None);
     let addr = engine.data_addr();
     let mut cus = Client::connect(addr, "acme", "customer", "cus-1");
-    cus.request_ok(open("conv-1", "cus-1"));
+    cus.request_ok(&open("conv-1", "cus-1"));
     let mut ann = Client::connect(addr, "acme", "agent", "ann");
-    ann.request_ok(online("ann", 1));
+    ann.request_ok(&online("ann", 1));
     ann.notification("conv-1", Kind::Offered);
     let mut other = Client::connect(addr, "acme", "customer", "cus-2");
     let mut bob = Client::connect(addr, "acme", "agent", "bob");
@@ -305,36 +305,36 @@ fn every_cross_tenant_and_cross_role_attempt_is_refused() {
     let cursor = |who: &str| Frame::ReadCursor(ReadCursor { session: "conv-1".into(), participant: who.into(), seq: 1 });
 
     // Another customer: nothing of cus-1's conversation.
-    other.refused(subscribe("conv-1"), ErrorCode::Forbidden);
-    other.refused(Raw::publish_frame("conv-1", "cus-2", 0, b"hi"), ErrorCode::Forbidden);
-    other.refused(cursor("cus-2"), ErrorCode::Forbidden);
-    other.refused(close("conv-1", "mine now"), ErrorCode::Forbidden);
-    other.refused(open("conv-2", "cus-1"), ErrorCode::Forbidden);
-    other.refused(subscribe("never-opened"), ErrorCode::Forbidden);
+    other.refused(&subscribe("conv-1"), ErrorCode::Forbidden);
+    other.refused(&Raw::publish_frame("conv-1", "cus-2", 0, b"hi"), ErrorCode::Forbidden);
+    other.refused(&cursor("cus-2"), ErrorCode::Forbidden);
+    other.refused(&close("conv-1", "mine now"), ErrorCode::Forbidden);
+    other.refused(&open("conv-2", "cus-1"), ErrorCode::Forbidden);
+    other.refused(&subscribe("never-opened"), ErrorCode::Forbidden);
     // The customer itself: not as someone else, not an agent's or supervisor's actions.
-    cus.refused(Raw::publish_frame("conv-1", "ann", 0, b"I am the agent"), ErrorCode::Forbidden);
-    cus.refused(online("cus-1", 5), ErrorCode::Forbidden);
-    cus.refused(respond("conv-1", "ann", true), ErrorCode::Forbidden);
-    cus.refused(transfer_to_agent("conv-1", "bob", ""), ErrorCode::Forbidden);
+    cus.refused(&Raw::publish_frame("conv-1", "ann", 0, b"I am the agent"), ErrorCode::Forbidden);
+    cus.refused(&online("cus-1", 5), ErrorCode::Forbidden);
+    cus.refused(&respond("conv-1", "ann", true), ErrorCode::Forbidden);
+    cus.refused(&transfer_to_agent("conv-1", "bob", ""), ErrorCode::Forbidden);
     // Another agent: not offered, so nothing; and never in ann's name.
-    bob.refused(subscribe("conv-1"), ErrorCode::Forbidden);
-    bob.refused(respond("conv-1", "bob", true), ErrorCode::Forbidden);
-    bob.refused(respond("conv-1", "ann", true), ErrorCode::Forbidden);
-    bob.refused(online("ann", 3), ErrorCode::Forbidden);
-    bob.refused(open("conv-3", "bob"), ErrorCode::Forbidden);
+    bob.refused(&subscribe("conv-1"), ErrorCode::Forbidden);
+    bob.refused(&respond("conv-1", "bob", true), ErrorCode::Forbidden);
+    bob.refused(&respond("conv-1", "ann", true), ErrorCode::Forbidden);
+    bob.refused(&online("ann", 3), ErrorCode::Forbidden);
+    bob.refused(&open("conv-3", "bob"), ErrorCode::Forbidden);
     // The offered agent may not transfer or close before accepting; a supervisor may not
     // answer in its place.
-    ann.refused(transfer_to_agent("conv-1", "bob", ""), ErrorCode::Forbidden);
-    ann.refused(close("conv-1", ""), ErrorCode::Forbidden);
-    sup.refused(respond("conv-1", "ann", true), ErrorCode::Forbidden);
-    sup.refused(open("conv-4", "cus-1"), ErrorCode::Forbidden);
+    ann.refused(&transfer_to_agent("conv-1", "bob", ""), ErrorCode::Forbidden);
+    ann.refused(&close("conv-1", ""), ErrorCode::Forbidden);
+    sup.refused(&respond("conv-1", "ann", true), ErrorCode::Forbidden);
+    sup.refused(&open("conv-4", "cus-1"), ErrorCode::Forbidden);
     // Another tenant: its own (empty) world.
-    globex.refused(close("conv-1", "x"), ErrorCode::NotFound);
-    globex.refused(respond("conv-1", "ann", true), ErrorCode::NotFound);
+    globex.refused(&close("conv-1", "x"), ErrorCode::NotFound);
+    globex.refused(&respond("conv-1", "ann", true), ErrorCode::NotFound);
     assert_eq!(globex.subscribe("conv-1", ResumeFrom::Earliest).head_seq, 0, "globex's conv-1 is another session");
     // Nothing leaked: the other tenant's supervisor saw nothing, the refused connections got
     // nothing but their answers, and every connection carries on.
-    ann.request_ok(respond("conv-1", "ann", true));
+    ann.request_ok(&respond("conv-1", "ann", true));
     cus.subscribe("conv-1", ResumeFrom::Earliest);
     assert_eq!(cus.event("conv-1", Kind::Assigned).agent, "ann", "the refusals changed nothing");
     assert!(globex_sup.drain().is_empty());
@@ -351,21 +351,21 @@ fn a_declined_or_unanswered_offer_goes_to_the_next_agent() {
     let addr = engine.data_addr();
     let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
     let mut gateway = Client::connect(addr, "acme", "gateway", "gw-1");
-    gateway.request_ok(open("conv-d", "cus-7"));
+    gateway.request_ok(&open("conv-d", "cus-7"));
     assert_eq!(sup.event("conv-d", Kind::Queued).position, 1);
 
     let mut ann = Client::connect(addr, "acme", "agent", "ann");
-    ann.request_ok(online("ann", 1));
+    ann.request_ok(&online("ann", 1));
     ann.notification("conv-d", Kind::Offered);
     assert_eq!(sup.event("conv-d", Kind::Offered).agent, "ann");
-    ann.request_ok(respond("conv-d", "ann", false));
+    ann.request_ok(&respond("conv-d", "ann", false));
     let declined = sup.event("conv-d", Kind::Declined);
     assert_eq!((declined.agent.as_str(), declined.reason.as_str()), ("ann", "declined"));
     sup.event("conv-d", Kind::Queued);
 
     // Bob is offered it (ann declined it: not again) and lets the offer expire.
     let mut bob = Client::connect(addr, "acme", "agent", "bob");
-    bob.request_ok(online("bob", 1));
+    bob.request_ok(&online("bob", 1));
     assert_eq!(sup.event("conv-d", Kind::Offered).agent, "bob");
     assert_eq!(bob.notification("conv-d", Kind::Declined).reason, "offer timeout");
     let timed_out = sup.event("conv-d", Kind::Declined);
@@ -373,11 +373,11 @@ fn a_declined_or_unanswered_offer_goes_to_the_next_agent() {
     let requeued = sup.event("conv-d", Kind::Queued);
     assert_eq!(requeued.position, 1);
     // A late answer is refused; a third agent gets it.
-    assert!(bob.refused(respond("conv-d", "bob", true), ErrorCode::Forbidden).contains("not offered"));
+    assert!(bob.refused(&respond("conv-d", "bob", true), ErrorCode::Forbidden).contains("not offered"));
     let mut carol = Client::connect(addr, "acme", "agent", "carol");
-    carol.request_ok(online("carol", 1));
+    carol.request_ok(&online("carol", 1));
     carol.notification("conv-d", Kind::Offered);
-    carol.request_ok(respond("conv-d", "carol", true));
+    carol.request_ok(&respond("conv-d", "carol", true));
     assert_eq!(sup.event("conv-d", Kind::Assigned).agent, "carol");
     engine.shutdown();
 }
@@ -389,7 +389,7 @@ fn a_queue_overflows_then_gives_the_offline_outcome() {
     for shards in [1, 3] {
         let engine = engine(shards, desk.clone(), None);
         let mut cus = Client::connect(engine.data_addr(), "acme", "customer", "cus-1");
-        cus.request_ok(open("conv-o", "cus-1"));
+        cus.request_ok(&open("conv-o", "cus-1"));
         cus.subscribe("conv-o", ResumeFrom::Earliest);
         assert_eq!(cus.event("conv-o", Kind::Queued).queue, "front");
         let overflowed = cus.event("conv-o", Kind::Overflowed);
@@ -409,17 +409,17 @@ fn a_leaving_customer_abandons_and_a_lost_agent_goes_offline_after_its_grace() {
     let addr = engine.data_addr();
     let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
     let mut cus = Client::connect(addr, "acme", "customer", "cus-1");
-    cus.request_ok(open("conv-a", "cus-1"));
+    cus.request_ok(&open("conv-a", "cus-1"));
     sup.event("conv-a", Kind::Queued);
     drop(cus);
     assert_eq!(sup.event("conv-a", Kind::Abandoned).reason, "customer left");
 
     let mut ann = Client::connect(addr, "acme", "agent", "ann");
-    ann.request_ok(online("ann", 1));
+    ann.request_ok(&online("ann", 1));
     let mut cus = Client::connect(addr, "acme", "customer", "cus-2");
-    cus.request_ok(open("conv-b", "cus-2"));
+    cus.request_ok(&open("conv-b", "cus-2"));
     ann.notification("conv-b", Kind::Offered);
-    ann.request_ok(respond("conv-b", "ann", true));
+    ann.request_ok(&respond("conv-b", "ann", true));
     sup.event("conv-b", Kind::Assigned);
     drop(ann);
     let offline = sup.wait_for("ann offline", |e| match &e.frame {
@@ -453,9 +453,9 @@ fn rate_limits_answer_rate_limited_and_the_connection_carries_on() {
     }
     assert!((5..=7).contains(&acked), "a burst of 5 (plus refill while sending): {acked}");
     assert_eq!(acked + limited, 20);
-    gateway.request_ok(open("conv-r1", "cus-1"));
-    gateway.request_ok(open("conv-r2", "cus-2"));
-    gateway.refused(open("conv-r3", "cus-3"), ErrorCode::RateLimited);
+    gateway.request_ok(&open("conv-r1", "cus-1"));
+    gateway.request_ok(&open("conv-r2", "cus-2"));
+    gateway.refused(&open("conv-r3", "cus-3"), ErrorCode::RateLimited);
     assert!(gateway.drain().is_empty(), "still connected, nothing else sent");
     // Another tenant is not limited by acme's buckets.
     let mut globex = Client::connect(engine.data_addr(), "globex", "gateway", "gw-9");

@@ -10,7 +10,7 @@
 //! supervisors through [`Event::SupervisorFeed`].
 //!
 //! Access: gateways and supervisors are scoped by tenant (session keys carry it). A customer's
-//! or agent's SUBSCRIBE, PUBLISH, READ_CURSOR and TYPING first ask the desk (`DeskOp::Watch`)
+//! or agent's `SUBSCRIBE`, `PUBLISH`, `READ_CURSOR` and `TYPING` first ask the desk (`DeskOp::Watch`)
 //! and wait for its verdict: `cs::access` decides from the conversation's state, so access
 //! follows offers, assignments and transfers with no grant table to keep in step. When an
 //! agent leaves a conversation, its agent-role connections' subscriptions are revoked through
@@ -73,7 +73,7 @@ struct AgentConn {
     shard: usize,
     conn: ConnId,
     role: Role,
-    /// It sent AGENT_STATUS for the agent: the agent is connected while one such is open.
+    /// It sent `AGENT_STATUS` for the agent: the agent is connected while one such is open.
     reports: bool,
 }
 
@@ -236,10 +236,7 @@ impl Shard {
 
     /// Remembers the agents a connection speaks for, to tell the desk when it closes.
     fn note_agent(&self, conn: ConnId, op: &DeskOp) {
-        let agent = match op {
-            DeskOp::AgentStatus { agent, .. } => agent,
-            _ => return,
-        };
+        let DeskOp::AgentStatus { agent, .. } = op else { return };
         if let Some(local) = self.desk.conns.borrow_mut().get_mut(&conn) {
             if !local.agents.contains(agent) {
                 local.agents.push(agent.clone());
@@ -577,9 +574,10 @@ impl Shard {
     // ---- the session owner's side ----
 
     fn owner_conversation_event(&self, key: &SessionKey, event: ConversationEvent) {
-        match self.owner_append(key, Frame::ConversationEvent(event)) {
-            Some(frame) => self.supervisor_broadcast(&key.tenant, &frame),
-            None => tracing::warn!(shard = self.index, tenant = %key.tenant, session = %key.session, "conversation event dropped: session limit of the shard reached"),
+        if let Some(frame) = self.owner_append(key, Frame::ConversationEvent(event)) {
+            self.supervisor_broadcast(&key.tenant, &frame);
+        } else {
+            tracing::warn!(shard = self.index, tenant = %key.tenant, session = %key.session, "conversation event dropped: session limit of the shard reached");
         }
     }
 
