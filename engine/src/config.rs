@@ -33,6 +33,12 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The per-shard durable journal.
     pub journal: JournalSection,
+    /// The customer-service desk of every tenant (routing, queues, timeouts, limits); a tenant's
+    /// own `desk` section replaces it for that tenant. In open mode it is tenant `default`'s.
+    pub desk: DeskConfig,
+    /// Token buckets per connection and per tenant; a tenant's own `rate_limits` section
+    /// replaces it for that tenant.
+    pub rate_limits: RateLimitsConfig,
 }
 
 /// What a PUBLISH acknowledgement promises, chosen per engine and per tenant.
@@ -128,6 +134,167 @@ pub struct TenantConfig {
     /// This tenant's publish durability; unset = `journal.durability`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durability: Option<DurabilityMode>,
+    /// This tenant's desk; absent: the top-level `[desk]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desk: Option<DeskConfig>,
+    /// This tenant's rate limits; absent: the top-level `[rate_limits]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsConfig>,
+}
+
+/// How a desk picks an agent among those who can take a conversation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    /// The agent with the most spare capacity.
+    LeastLoad,
+    /// Agents with every skill asked for, then the most spare capacity.
+    SkillBased,
+    /// The customer's last agent when it can take the conversation, else least-load.
+    Affinity,
+}
+
+/// One queue (team or skill) of a desk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The queue's id (what TRANSFER to a queue names).
+    pub name: String,
+    /// Skills an agent needs to serve it; conversations asking for these skills wait here.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    /// Longest wait before overflow, in milliseconds (0: no limit).
+    #[serde(default)]
+    pub wait_ms_max: u64,
+    /// Where a conversation goes after `wait_ms_max`: another queue's name, or "" for the
+    /// offline-message outcome (the conversation ends).
+    #[serde(default)]
+    pub overflow: String,
+}
+
+/// A tenant's customer-service desk: policy and count limits (see `cs::desk`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeskConfig {
+    /// Routing strategy: "least-load", "skill-based" or "affinity".
+    pub strategy: StrategyName,
+    /// How long an agent has to answer an offer, in milliseconds.
+    pub offer_timeout_ms: u64,
+    /// How long an agent whose connections all dropped keeps its conversations before it goes
+    /// offline and they are routed again, in milliseconds (0: at once).
+    pub agent_grace_ms: u64,
+    /// Handle time assumed for the estimated wait before any is measured, in milliseconds.
+    pub initial_handle_ms: u64,
+    /// Open conversations of the tenant; `OPEN_CONVERSATION` past it gets ERROR(LimitExceeded).
+    pub conversations_max: usize,
+    /// Agents of the tenant (kept once seen).
+    pub agents_max: usize,
+    /// Conversations waiting in one queue.
+    pub queue_length_max: usize,
+    /// The queues, the first being the default one.
+    pub queues: Vec<QueueConfig>,
+}
+
+impl Default for DeskConfig {
+    fn default() -> Self {
+        let policy = crate::cs::DeskPolicy::default();
+        let limits = crate::cs::DeskLimits::default();
+        DeskConfig {
+            strategy: StrategyName::LeastLoad,
+            offer_timeout_ms: policy.offer_timeout_ms,
+            agent_grace_ms: policy.agent_grace_ms,
+            initial_handle_ms: policy.initial_handle_ms,
+            conversations_max: limits.conversations_max,
+            agents_max: limits.agents_max,
+            queue_length_max: limits.queue_length_max,
+            queues: vec![QueueConfig { name: "default".into(), skills: Vec::new(), wait_ms_max: 0, overflow: String::new() }],
+        }
+    }
+}
+
+impl DeskConfig {
+    /// The desk's policy.
+    pub fn policy(&self) -> crate::cs::DeskPolicy {
+        use crate::cs::{Overflow, QueuePolicy, StrategyConfig};
+        use switchboard_protocol::Text;
+        let strategy = match self.strategy {
+            StrategyName::LeastLoad => StrategyConfig::LeastLoad,
+            StrategyName::SkillBased => StrategyConfig::SkillBased,
+            StrategyName::Affinity => StrategyConfig::Affinity { fallback: Box::new(StrategyConfig::LeastLoad) },
+        };
+        let queues = self
+            .queues
+            .iter()
+            .map(|queue| QueuePolicy {
+                name: Text::from(queue.name.as_str()),
+                skills: queue.skills.iter().map(|skill| Text::from(skill.as_str())).collect(),
+                wait_ms_max: queue.wait_ms_max,
+                overflow: if queue.overflow.is_empty() { Overflow::Offline } else { Overflow::Queue(Text::from(queue.overflow.as_str())) },
+            })
+            .collect();
+        crate::cs::DeskPolicy {
+            strategy,
+            queues,
+            offer_timeout_ms: self.offer_timeout_ms,
+            agent_grace_ms: self.agent_grace_ms,
+            initial_handle_ms: self.initial_handle_ms,
+            ..crate::cs::DeskPolicy::default()
+        }
+    }
+
+    /// The desk's count limits.
+    pub fn limits(&self) -> crate::cs::DeskLimits {
+        crate::cs::DeskLimits {
+            conversations_max: self.conversations_max,
+            agents_max: self.agents_max,
+            queue_length_max: self.queue_length_max,
+            ..crate::cs::DeskLimits::default()
+        }
+    }
+}
+
+/// Token buckets. Each rate is refilled continuously and holds at most `burst_ms` worth of it;
+/// a request over it gets ERROR(RateLimited) and changes nothing. A rate of 0 is no limit (the
+/// default: benchmarks push one gateway connection past a million publishes per second).
+/// Tenant rates are shared by the tenant's connections on all shards: each shard enforces
+/// `rate / shards` (connections are spread over shards by the kernel).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// How much of a rate a bucket holds, in milliseconds of that rate (the burst).
+    pub burst_ms: u64,
+    /// PUBLISH frames per connection, per second.
+    pub connection_publishes_per_s: u64,
+    /// PUBLISH payload bytes per connection, per second.
+    pub connection_publish_bytes_per_s: u64,
+    /// `OPEN_CONVERSATION` frames per connection, per second.
+    pub connection_opens_per_s: u64,
+    /// SUBSCRIBE frames per connection, per second.
+    pub connection_subscribes_per_s: u64,
+    /// PUBLISH frames per tenant, per second.
+    pub tenant_publishes_per_s: u64,
+    /// PUBLISH payload bytes per tenant, per second.
+    pub tenant_publish_bytes_per_s: u64,
+    /// `OPEN_CONVERSATION` frames per tenant, per second.
+    pub tenant_opens_per_s: u64,
+    /// SUBSCRIBE frames per tenant, per second.
+    pub tenant_subscribes_per_s: u64,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        RateLimitsConfig {
+            burst_ms: 1_000,
+            connection_publishes_per_s: 0,
+            connection_publish_bytes_per_s: 0,
+            connection_opens_per_s: 0,
+            connection_subscribes_per_s: 0,
+            tenant_publishes_per_s: 0,
+            tenant_publish_bytes_per_s: 0,
+            tenant_opens_per_s: 0,
+            tenant_subscribes_per_s: 0,
+        }
+    }
 }
 
 /// One HS256 signing key.
@@ -203,6 +370,9 @@ pub struct LimitsConfig {
     /// After GOAWAY(slow consumer), how long the engine waits for the peer to read it before
     /// cutting the connection, in milliseconds.
     pub slow_consumer_close_ms: u64,
+    /// Desk timers (offer, max wait, agent grace) one shard holds; a desk call that would start
+    /// one more is carried out without it and logged.
+    pub desk_timers_per_shard_max: usize,
 }
 
 /// The shard mesh: one bounded SPSC ring per ordered pair of shards, for requests and for
@@ -278,6 +448,7 @@ impl Default for LimitsConfig {
             keepalive_ms: 30_000,
             handshake_timeout_ms: 5_000,
             slow_consumer_close_ms: 1_000,
+            desk_timers_per_shard_max: 1_000_000,
         }
     }
 }
@@ -439,6 +610,15 @@ impl Config {
         if self.journal.maintenance_interval_ms == 0 || self.journal.snapshot_interval_ms == 0 {
             return invalid("journal", "maintenance_interval_ms and snapshot_interval_ms must be positive");
         }
+        if self.limits.desk_timers_per_shard_max == 0 {
+            return invalid("limits.desk_timers_per_shard_max", "must be positive");
+        }
+        let desks = std::iter::once(("desk", &self.desk)).chain(self.tenants.iter().filter_map(|t| t.desk.as_ref().map(|d| ("tenants.desk", d))));
+        for (key, desk) in desks {
+            if let Err(error) = crate::cs::TenantDesk::new(desk.limits(), desk.policy()) {
+                return Err(ConfigError::Invalid { key, problem: error.to_string() });
+            }
+        }
         if self.server.shards > 256 {
             return invalid("server.shards", "at most 256");
         }
@@ -464,8 +644,8 @@ mod tests {
         config.journal.durability = DurabilityMode::None;
         assert!(!config.journal_enabled());
         let key = TenantKeyConfig { kid: "k".into(), secret: "s".repeat(32) };
-        config.tenants.push(TenantConfig { id: "acme".into(), keys: vec![key.clone()], durability: Some(DurabilityMode::Interval) });
-        config.tenants.push(TenantConfig { id: "globex".into(), keys: vec![TenantKeyConfig { kid: "g".into(), ..key }], durability: None });
+        config.tenants.push(TenantConfig { id: "acme".into(), keys: vec![key.clone()], durability: Some(DurabilityMode::Interval), desk: None, rate_limits: None });
+        config.tenants.push(TenantConfig { id: "globex".into(), keys: vec![TenantKeyConfig { kid: "g".into(), ..key }], durability: None, desk: None, rate_limits: None });
         assert_eq!(config.durability_of("acme"), DurabilityMode::Interval);
         assert_eq!(config.durability_of("globex"), DurabilityMode::None);
         assert!(config.journal_enabled());

@@ -15,7 +15,8 @@ use glommio::net::TcpStream;
 use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, Welcome, PROTOCOL_VERSION};
 
 use crate::auth::{Identity, Role, OPEN_TENANT};
-use crate::mesh::{ConnId, PublishRequest, SessionKey};
+use crate::mesh::{ConnId, DeskOp, PublishRequest, SessionKey};
+use crate::rate::Limited;
 use crate::shard::Shard;
 
 /// Bytes read from the socket per call.
@@ -36,6 +37,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         buffer: BytesMut::with_capacity(READ_CHUNK_BYTES),
         scratch: vec![0; READ_CHUNK_BYTES],
         tenant: OPEN_TENANT,
+        role: Role::Gateway,
+        subject: Text::new(),
     };
     reader.run().await;
     // Remove before the stream drops: a delayed force-close checks the id before using the fd.
@@ -61,6 +64,15 @@ struct Reader {
     scratch: Vec<u8>,
     /// The verified tenant: every session this connection names is scoped to it.
     tenant: Text,
+    /// The verified role: customers and agents are checked against the desk.
+    role: Role,
+    /// The verified subject (customer or agent id for those roles).
+    subject: Text,
+}
+
+/// An id that owns its memory, for state kept beyond this frame (the desk's tables).
+fn own(text: &Text) -> Text {
+    Text::from(text.as_str())
 }
 
 enum Flow {
@@ -166,6 +178,9 @@ impl Reader {
             },
         };
         self.tenant = identity.tenant.clone();
+        self.role = identity.role;
+        self.subject = Text::from(identity.subject.as_str());
+        self.shard.desk_register(self.conn, &identity);
         self.shard.with_conn(self.conn, |entry| entry.tenant = Some(identity.tenant.clone()));
         if let Some(expires_at_s) = identity.expires_at_s {
             let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -214,6 +229,9 @@ impl Reader {
                 if let Some(flow) = self.refuse_empty(correlation, &subscribe.session) {
                     return flow;
                 }
+                if !self.admit(correlation, Limited::Subscribes, 0) || !self.may_watch(correlation, &subscribe.session).await {
+                    return Flow::Continue;
+                }
                 let key = self.key(&subscribe.session);
                 shard.subscribe(conn, correlation, key, subscribe.from).await;
             }
@@ -224,6 +242,12 @@ impl Reader {
                 }
                 if publish.payload.len() > shard.config.limits.payload_bytes_max as usize {
                     shard.fail_request(conn, correlation, ErrorCode::LimitExceeded, "payload larger than payload_bytes_max");
+                    return Flow::Continue;
+                }
+                if !self.admit(correlation, Limited::Publishes, publish.payload.len() as u64)
+                    || !self.speaks_as_self(correlation, &publish.sender, "sender")
+                    || !self.may_watch(correlation, &publish.session).await
+                {
                     return Flow::Continue;
                 }
                 let request = PublishRequest {
@@ -242,21 +266,25 @@ impl Reader {
                 if let Some(flow) = self.refuse_empty(correlation, &cursor.session) {
                     return flow;
                 }
+                if !self.speaks_as_self(correlation, &cursor.participant, "participant") || !self.may_watch(correlation, &cursor.session).await {
+                    return Flow::Continue;
+                }
                 let key = self.key(&cursor.session);
                 shard.read_cursor(conn, correlation, key, cursor.participant, cursor.seq).await;
             }
             Frame::Typing(typing) => {
+                if !self.speaks_as_self(correlation, &typing.participant, "participant") || !self.may_watch(correlation, &typing.session).await {
+                    return Flow::Continue;
+                }
                 let key = self.key(&typing.session);
                 shard.typing(key, typing.participant, typing.active).await;
             }
-            Frame::OpenConversation(_)
+            frame @ (Frame::OpenConversation(_)
             | Frame::AgentStatus(_)
             | Frame::OfferResponse(_)
             | Frame::Transfer(_)
             | Frame::CloseConversation(_)
-            | Frame::TicketCommand(_) => {
-                shard.fail_request(conn, correlation, ErrorCode::NotImplemented, "conversation routing and tickets are not implemented yet");
-            }
+            | Frame::TicketCommand(_)) => self.dispatch_desk(correlation, frame).await,
             Frame::Hello(_) => {
                 shard.protocol_error(conn, correlation, ErrorCode::HandshakeRequired, "HELLO sent twice".into());
                 return Flow::Close;
@@ -276,6 +304,85 @@ impl Reader {
             }
         }
         Flow::Continue
+    }
+
+    /// The customer-service frames: carried to the tenant's desk, which answers OK or ERROR.
+    async fn dispatch_desk(&self, correlation: u32, frame: Frame) {
+        match frame {
+            Frame::OpenConversation(open) => {
+                if !self.admit(correlation, Limited::Opens, 0) {
+                    return;
+                }
+                let skills = open.skills.iter().map(own).collect();
+                // The context is not kept yet: the desk has no place for it (see README status).
+                let op = DeskOp::Open { session: own(&open.session), customer: own(&open.customer), priority: open.priority, skills };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::AgentStatus(status) => {
+                let skills = status.skills.iter().map(own).collect();
+                let op = DeskOp::AgentStatus { agent: own(&status.agent), presence: status.presence, capacity: status.capacity, skills };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::OfferResponse(response) => {
+                let op = DeskOp::OfferResponse { session: own(&response.session), agent: own(&response.agent), accept: response.accept };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::Transfer(transfer) => {
+                let op = DeskOp::Transfer {
+                    session: own(&transfer.session),
+                    kind: transfer.target.kind,
+                    target: own(&transfer.target.name),
+                    note: own(&transfer.note),
+                };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::CloseConversation(close) => {
+                let op = DeskOp::Close { session: own(&close.session), reason: own(&close.reason) };
+                self.shard.desk_call(self.conn, correlation, op).await;
+            }
+            Frame::TicketCommand(_) => {
+                self.shard.fail_request(self.conn, correlation, ErrorCode::NotImplemented, "tickets are not implemented yet");
+            }
+            // `dispatch` sends only the frames above here.
+            _ => {}
+        }
+    }
+
+    /// Takes from the connection's and the tenant's rate buckets; false (and ERROR(RateLimited)
+    /// sent) when one is empty.
+    fn admit(&self, correlation: u32, what: Limited, bytes: u64) -> bool {
+        match self.shard.desk_rate_limit(self.conn, what, bytes) {
+            Ok(()) => true,
+            Err(message) => {
+                self.shard.fail_request(self.conn, correlation, ErrorCode::RateLimited, message);
+                false
+            }
+        }
+    }
+
+    /// A customer or agent speaks only as itself (a gateway speaks for its users, a supervisor
+    /// under its own name or theirs); false (and ERROR(Forbidden) sent) otherwise.
+    fn speaks_as_self(&self, correlation: u32, who: &Text, field: &str) -> bool {
+        if matches!(self.role, Role::Customer | Role::Agent) && who != &self.subject {
+            self.shard.refuse(self.conn, correlation, ErrorCode::Forbidden, format!("forbidden: {field} must be your own id `{}`", self.subject));
+            return false;
+        }
+        true
+    }
+
+    /// Customers and agents touch only their own conversations: asks the desk (and waits for
+    /// its verdict); false (and ERROR sent) when refused.
+    async fn may_watch(&self, correlation: u32, session: &Text) -> bool {
+        if matches!(self.role, Role::Gateway | Role::Supervisor) {
+            return true;
+        }
+        match self.shard.desk_check_watch(self.conn, session).await {
+            Ok(()) => true,
+            Err((code, message)) => {
+                self.shard.refuse(self.conn, correlation, code, message);
+                false
+            }
+        }
     }
 
     fn refuse_empty(&self, correlation: u32, session: &Text) -> Option<Flow> {

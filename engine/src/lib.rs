@@ -26,7 +26,9 @@
 //! - [`pool`]: the per-shard mmap buffer pool with ref-counted leases.
 //! - [`uring`]: the per-shard io_uring sender (batched, ordered, bounded per connection).
 //! - [`control`] and [`metrics`]: the control thread and its Prometheus rendering.
-//! - [`auth`]: tenants and HELLO token verification.
+//! - [`auth`]: tenants and HELLO token verification; [`rate`]: token buckets.
+//! - [`cs`]: the customer-service domain (desks, routing, access rules), plain Rust; the shard
+//!   hosts each tenant's desk on `mesh::tenant_shard(tenant)` and carries out its effects.
 //! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type.
 
 pub mod auth;
@@ -39,6 +41,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod persist;
 pub mod pool;
+pub mod rate;
 pub mod runtime;
 pub mod session;
 pub mod shard;

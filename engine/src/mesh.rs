@@ -24,8 +24,9 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 use glommio::channels::shared_channel::ConnectedSender;
 use glommio::{GlommioError, ResourceType};
-use switchboard_protocol::{ErrorCode, ResumeFrom, Text};
+use switchboard_protocol::{AgentPresence, ConversationEvent, ErrorCode, ResumeFrom, Text, TransferKind};
 
+use crate::auth::Role;
 use crate::session::ResumePlan;
 
 /// A connection, named by the shard that holds it.
@@ -68,6 +69,106 @@ impl SessionKey {
         self.session.as_str().hash(&mut hasher);
         hasher.finish()
     }
+}
+
+/// The shard that holds `tenant`'s desk (its agents, queues and conversation states):
+/// `hash(tenant) % shards`, with the same fixed-key `SipHash` as [`SessionKey::shard`].
+pub fn tenant_shard(tenant: &Text, shards: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    tenant.as_str().hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
+}
+
+/// Who sends a desk request: the connection's verified identity.
+#[derive(Debug, Clone)]
+pub struct DeskActor {
+    /// The tenant.
+    pub tenant: Text,
+    /// The role.
+    pub role: Role,
+    /// The subject (customer, agent, supervisor or gateway id).
+    pub subject: Text,
+}
+
+/// What a connection asks of its tenant's desk. Ids own their memory (the desk keeps them).
+#[derive(Debug)]
+pub enum DeskOp {
+    /// `OPEN_CONVERSATION`.
+    Open {
+        /// The conversation's session id.
+        session: Text,
+        /// The customer.
+        customer: Text,
+        /// Priority.
+        priority: u8,
+        /// Skills asked for.
+        skills: Vec<Text>,
+    },
+    /// `AGENT_STATUS` from a client.
+    AgentStatus {
+        /// The agent.
+        agent: Text,
+        /// Presence.
+        presence: AgentPresence,
+        /// Capacity.
+        capacity: u16,
+        /// Skills.
+        skills: Vec<Text>,
+    },
+    /// `OFFER_RESPONSE`.
+    OfferResponse {
+        /// The conversation.
+        session: Text,
+        /// The agent answering.
+        agent: Text,
+        /// Accept or decline.
+        accept: bool,
+    },
+    /// TRANSFER.
+    Transfer {
+        /// The conversation.
+        session: Text,
+        /// Agent or queue.
+        kind: TransferKind,
+        /// The agent's or queue's id.
+        target: Text,
+        /// Note for the next agent.
+        note: Text,
+    },
+    /// `CLOSE_CONVERSATION`.
+    Close {
+        /// The conversation.
+        session: Text,
+        /// Why.
+        reason: Text,
+    },
+    /// May the actor watch (subscribe to, publish in) this conversation? Asked before a
+    /// customer's or agent's `SUBSCRIBE`, `PUBLISH`, `READ_CURSOR` or `TYPING`.
+    Watch {
+        /// The conversation.
+        session: Text,
+    },
+    /// The connection closed; it spoke for these agents (`AGENT_STATUS` or watching as one).
+    ConnLost {
+        /// The agents.
+        agents: Vec<Text>,
+    },
+}
+
+/// A desk request on its way to the tenant's shard.
+#[derive(Debug)]
+pub struct DeskRequest {
+    /// The connection on the origin shard.
+    pub conn: ConnId,
+    /// Its request's correlation id.
+    pub correlation: u32,
+    /// Non-zero: an access check the origin is waiting on (answered to the waiter, not the
+    /// connection).
+    pub check: u64,
+    /// Who asks.
+    pub actor: DeskActor,
+    /// What.
+    pub op: DeskOp,
 }
 
 /// A PUBLISH on its way to the session's owner (from this shard or over the mesh).
@@ -134,6 +235,8 @@ pub enum Request {
         /// Started or stopped.
         active: bool,
     },
+    /// A customer-service request for the tenant's desk (on the tenant's shard).
+    Desk(DeskRequest),
 }
 
 /// Owner shard → origin shard.
@@ -197,6 +300,57 @@ pub enum Event {
         conn: ConnId,
         /// Its correlation id.
         correlation: u32,
+    },
+    /// The desk's answer to a [`DeskRequest`]: OK, ERROR, or the verdict of an access check.
+    DeskAnswer {
+        /// The connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+        /// The check this answers (0: not a check; answer the connection).
+        check: u64,
+        /// Why it was refused (`None`: done).
+        refusal: Option<(ErrorCode, String)>,
+    },
+    /// Desk shard → session owner: append this conversation event to the session (the owner
+    /// sets epoch, seq and timestamp), fan it out, and feed it to the tenant's supervisors.
+    /// An event, not a request, because the desk produces it while handling requests and
+    /// timers and must not wait on a peer that may be waiting on it.
+    ConversationEvent {
+        /// The session.
+        key: SessionKey,
+        /// The event, seq not yet assigned.
+        event: ConversationEvent,
+    },
+    /// Desk shard → session owner: these connections (agent consoles) no longer take part in
+    /// the session. Sent after the events that ended their part, on the same ring, so the
+    /// owner's fan-out of those events reaches them before their subscription ends.
+    Revoke {
+        /// The session.
+        key: SessionKey,
+        /// (shard, connection) pairs.
+        conns: Vec<(usize, ConnId)>,
+    },
+    /// Session owner → a connection's shard: end that connection's subscription to `key`.
+    RevokeConn {
+        /// The connection.
+        conn: ConnId,
+        /// The session.
+        key: SessionKey,
+    },
+    /// A frame for every supervisor connection of `tenant` on the receiving shard.
+    SupervisorFeed {
+        /// The tenant.
+        tenant: Text,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// A frame for one connection (an offer to an agent's console).
+    ToConn {
+        /// The connection.
+        conn: ConnId,
+        /// The encoded frame.
+        frame: Bytes,
     },
 }
 

@@ -3,8 +3,10 @@
 //! The journal (`journal/`) stores opaque records keyed by a conversation id; this module owns
 //! their contents for the engine:
 //! - a message record's payload is `[tenant length: u8][tenant][client_msg_id: u64 LE]` followed
-//!   by the message's encoded DELIVER frame, exactly the bytes kept in memory history, so a
-//!   restored message is replayed as is (only its epoch field is rewritten when the epoch moved);
+//!   by the message's encoded DELIVER frame, exactly the bytes kept in memory history; the
+//!   desk's conversation events are in the session's seq order too, so they are message
+//!   records as well, holding a CONVERSATION_EVENT frame (client_msg_id 0). A restored frame
+//!   is re-encoded with the epoch it now belongs to;
 //! - a read-cursor record's payload is `[tenant length: u8][tenant][session length: u8][session]
 //!   [participant length: u8][participant]`, the cursor being the record's seq;
 //! - the conversation id is [`SessionKey::conversation_id`], a fixed-key hash: ids of different
@@ -54,11 +56,6 @@ pub fn deliver_sender_at(session: &Text, sender: &Text) -> (u16, u8) {
     ((HEADER_BYTES + 1 + session.len() + 8 + 8 + 8 + 16 + 1) as u16, sender.len() as u8)
 }
 
-/// Where a DELIVER frame's epoch sits.
-fn deliver_epoch_at(session: &Text) -> usize {
-    HEADER_BYTES + 1 + session.len()
-}
-
 /// Why a record could not be restored (it is skipped and counted, never fatal).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
@@ -80,8 +77,8 @@ fn take_text(bytes: &[u8], at: &mut usize) -> Result<Text, RestoreError> {
     std::str::from_utf8(text).map(Text::from).map_err(|_| RestoreError::Truncated)
 }
 
-/// A message record decoded: its session and the message as history keeps it (epoch field
-/// rewritten to `epoch`).
+/// A message record decoded: its session and the message (or conversation event) as history
+/// keeps it, in `epoch`.
 pub fn decode_message(record: &StoredRecord, epoch: u64) -> Result<(SessionKey, StoredMessage), RestoreError> {
     let payload = &record.payload[..];
     let mut at = 0;
@@ -89,19 +86,25 @@ pub fn decode_message(record: &StoredRecord, epoch: u64) -> Result<(SessionKey, 
     let id_bytes = payload.get(at..at + 8).ok_or(RestoreError::Truncated)?;
     let client_msg_id = u64::from_le_bytes(id_bytes.try_into().map_err(|_| RestoreError::Truncated)?);
     at += 8;
-    let mut frame = BytesMut::from(&payload[at..]);
-    let limits = Limits::default();
-    let decoded = switchboard_protocol::decode(&mut frame.clone(), &limits).map_err(|error| RestoreError::Frame(error.to_string()))?;
+    let mut frame_bytes = BytesMut::from(&payload[at..]);
+    let decoded = switchboard_protocol::decode(&mut frame_bytes, &Limits::default()).map_err(|error| RestoreError::Frame(error.to_string()))?;
     let Some(envelope) = decoded else { return Err(RestoreError::Truncated) };
-    let Frame::Deliver(deliver) = envelope.frame else { return Err(RestoreError::Mismatch) };
-    if deliver.seq != record.seq {
-        return Err(RestoreError::Mismatch);
-    }
-    let epoch_at = deliver_epoch_at(&deliver.session);
-    frame[epoch_at..epoch_at + 8].copy_from_slice(&epoch.to_le_bytes());
-    let sender_at = deliver_sender_at(&deliver.session, &deliver.sender);
-    let key = SessionKey { tenant, session: deliver.session };
-    Ok((key, StoredMessage::restored(record.seq, client_msg_id, sender_at, frame.freeze())))
+    // Re-encoded with the epoch it now belongs to (the same when nothing was lost).
+    let (session, sender_at, frame) = match envelope.frame {
+        Frame::Deliver(mut deliver) if deliver.seq == record.seq => {
+            deliver.epoch = epoch;
+            let sender_at = deliver_sender_at(&deliver.session, &deliver.sender);
+            (deliver.session.clone(), sender_at, Frame::Deliver(deliver))
+        }
+        Frame::ConversationEvent(mut event) if event.seq == record.seq => {
+            event.epoch = epoch;
+            (event.session.clone(), (0, 0), Frame::ConversationEvent(event))
+        }
+        _ => return Err(RestoreError::Mismatch),
+    };
+    let frame = frame.to_bytes(0).map_err(|error| RestoreError::Frame(error.to_string()))?;
+    let key = SessionKey { tenant, session };
+    Ok((key, StoredMessage::restored(record.seq, client_msg_id, sender_at, frame)))
 }
 
 /// A read-cursor record decoded: session, participant, cursor.

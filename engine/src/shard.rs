@@ -37,6 +37,8 @@ use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
 use crate::uring::{ConnSlot, EnqueueError, OutBuf, UringSender};
 
+mod desk_host;
+
 /// A set of shard indexes (at most 256 shards).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct ShardSet([u64; 4]);
@@ -70,8 +72,11 @@ struct LocalSubscribers {
     pending: u32,
 }
 
-/// A journaled PUBLISH waiting for its acknowledgement, in journal order.
+/// A journaled PUBLISH (or conversation event) waiting for its acknowledgement, in journal
+/// order.
 struct PendingAck {
+    /// A conversation event from the desk: no publisher to answer; supervisors get it too.
+    event: bool,
     /// `None`: a duplicate of a message still pending; answered once everything before it is.
     ticket: Option<Ticket>,
     origin: usize,
@@ -223,6 +228,8 @@ pub struct Shard {
     record_scratch: RefCell<Vec<u8>>,
     /// Tenants whose durability differs from `config.journal.durability`.
     tenant_durability: Vec<(String, DurabilityMode)>,
+    /// The customer-service side: desks of tenants hashed here, roles of local connections.
+    desk: desk_host::DeskHost,
 }
 
 fn link_stats<T: Send + 'static>(links: &[Option<Rc<PeerLink<T>>>]) -> Vec<(usize, LinkStats)> {
@@ -280,7 +287,9 @@ impl Shard {
             .iter()
             .filter_map(|tenant| tenant.durability.filter(|&d| d != config.journal.durability).map(|d| (tenant.id.clone(), d)))
             .collect();
+        let desk = desk_host::DeskHost::default();
         Rc::new_cyclic(|me| Shard {
+            desk,
             me: me.clone(),
             index,
             shards,
@@ -409,6 +418,7 @@ impl Shard {
     /// Forgets a connection whose reader has stopped: its subscriptions end; its sender slot
     /// is released once in-flight sends complete (a last ERROR or GOAWAY is still flushed).
     pub(crate) fn remove_conn(&self, conn: ConnId) {
+        self.desk_conn_closed(conn);
         let Some(entry) = self.state.borrow_mut().conns.remove(&conn) else { return };
         for key in &entry.subscriptions {
             self.drop_local_subscriber(conn, key);
@@ -755,6 +765,7 @@ impl Shard {
                 let frame = owned.session.last().expect("a message was just appended").frame.clone();
                 drop(state);
                 self.await_ack(PendingAck {
+                    event: false,
                     ticket,
                     origin,
                     conn,
@@ -783,6 +794,7 @@ impl Shard {
                 drop(state);
                 self.count(|c| c.publishes_duplicate_total += 1);
                 self.await_ack(PendingAck {
+                    event: false,
                     ticket: None,
                     origin,
                     conn,
@@ -850,7 +862,7 @@ impl Shard {
     }
 
     fn answer(&self, pending: PendingAck, result: Result<(), JournalError>) {
-        let PendingAck { origin, conn, correlation, key, client_msg_id, epoch, seq, durability, frame, ingress_raw, .. } = pending;
+        let PendingAck { event, origin, conn, correlation, key, client_msg_id, epoch, seq, durability, frame, ingress_raw, .. } = pending;
         let mut state = self.state.borrow_mut();
         let Some(owned) = state.sessions.get_mut(&key) else { return };
         let visible = match &result {
@@ -865,11 +877,22 @@ impl Shard {
             owned.session.roll_back_invisible();
             drop(state);
             self.count(|c| c.journal_refusals_total += 1);
+            if event {
+                tracing::warn!(shard = self.index, tenant = %key.tenant, session = %key.session, "conversation event not journaled: dropped from the session's stream");
+                return;
+            }
             let (code, message) = result.as_ref().err().map_or((ErrorCode::Unavailable, "journal dropped the message"), journal_refusal);
             return self.reply(origin, Event::Failed { conn, correlation, code, message });
         }
         let interest = owned.interest;
         drop(state);
+        if event {
+            if let Some(frame) = frame {
+                self.fanout_encoded(&key, interest, frame.clone(), 0);
+                self.supervisor_broadcast(&key.tenant, &frame);
+            }
+            return;
+        }
         let duplicate = frame.is_none();
         if let Some(frame) = frame {
             self.count(|c| c.publishes_total += 1);
@@ -915,6 +938,65 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Appends a server-built frame (a `CONVERSATION_EVENT`) to a session, as `owner_publish`
+    /// appends a message: the owner stamps epoch, seq and timestamp, keeps it in history (so a
+    /// resume replays it in order with the messages), journals it like a message when the
+    /// tenant is durable, and once it is acknowledged fans it out and feeds it to the tenant's
+    /// supervisors. False when the session limit or the journal refused it (counted, logged).
+    fn owner_append(&self, key: &SessionKey, mut frame: Frame) -> bool {
+        let journal = self.durability_of(&key.tenant).journal().zip(self.journal.as_ref());
+        let mut state = self.state.borrow_mut();
+        let Some(owned) = self.session_mut(&mut state, key) else { return false };
+        let timestamp_us = Self::now_us();
+        let mut ticket = None;
+        let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {
+            if let Frame::ConversationEvent(event) = &mut frame {
+                (event.epoch, event.seq, event.timestamp_us) = (epoch, seq, timestamp_us);
+            }
+            let encoded = self.encode_heap(&frame, 0);
+            if let Some((durability, journal)) = journal {
+                let mut scratch = self.record_scratch.borrow_mut();
+                persist::encode_message(&mut scratch, &key.tenant, 0, &encoded);
+                let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
+                ticket = Some(journal.append(&record, durability)?);
+            }
+            // No sender: client_msg_id 0 below keeps it out of the idempotency check.
+            Ok((encoded, (0, 0)))
+        };
+        let seq = match owned.session.publish("", 0, journal.is_none(), &mut encode) {
+            Ok(PublishOutcome::Appended(seq) | PublishOutcome::Duplicate(seq)) => seq,
+            Err(error) => {
+                drop(state);
+                self.count(|c| c.journal_refusals_total += 1);
+                tracing::warn!(shard = self.index, tenant = %key.tenant, session = %key.session, %error, "conversation event refused by the journal");
+                return false;
+            }
+        };
+        let encoded = owned.session.last().expect("a frame was just appended").frame.clone();
+        let (interest, epoch) = (owned.interest, owned.session.epoch());
+        drop(state);
+        if journal.is_some() {
+            self.await_ack(PendingAck {
+                event: true,
+                ticket,
+                origin: self.index,
+                conn: 0,
+                correlation: 0,
+                key: SessionKey::owned(&key.tenant, &key.session),
+                client_msg_id: 0,
+                epoch,
+                seq,
+                durability: switchboard_protocol::Durability::Memory,
+                frame: Some(encoded),
+                ingress_raw: 0,
+            });
+        } else {
+            self.fanout_encoded(key, interest, encoded.clone(), 0);
+            self.supervisor_broadcast(&key.tenant, &encoded);
+        }
+        true
     }
 
     /// Sends a frame to every subscriber of `key`.
@@ -1038,6 +1120,7 @@ impl Shard {
                 self.owner_read_cursor(origin, conn, correlation, &key, &participant, seq);
             }
             Request::Typing { key, participant, active } => self.owner_typing(&key, &participant, active),
+            Request::Desk(request) => self.desk_request(origin, request),
         }
         self.wait_for_event_room(origin).await;
     }
@@ -1058,6 +1141,12 @@ impl Shard {
             }
             Event::Failed { conn, correlation, code, message } => self.fail_request(conn, correlation, code, message),
             Event::Done { conn, correlation } => self.send_frame(conn, &Frame::Success(Success {}), correlation),
+            event @ (Event::DeskAnswer { .. }
+            | Event::ConversationEvent { .. }
+            | Event::Revoke { .. }
+            | Event::RevokeConn { .. }
+            | Event::SupervisorFeed { .. }
+            | Event::ToConn { .. }) => self.desk_event(event),
         }
     }
 

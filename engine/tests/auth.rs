@@ -34,8 +34,8 @@ fn engine(shards: usize) -> switchboard::EngineHandle {
     let mut config = common::test_config(shards);
     let key = |kid: &str, secret: &str| TenantKeyConfig { kid: kid.into(), secret: secret.into() };
     config.tenants = vec![
-        TenantConfig { id: "acme".into(), keys: vec![key("acme-1", ACME_OLD), key("acme-2", ACME_NEW)], durability: None },
-        TenantConfig { id: "globex".into(), keys: vec![key("globex-1", GLOBEX)], durability: None },
+        TenantConfig { id: "acme".into(), keys: vec![key("acme-1", ACME_OLD), key("acme-2", ACME_NEW)], durability: None, desk: None, rate_limits: None },
+        TenantConfig { id: "globex".into(), keys: vec![key("globex-1", GLOBEX)], durability: None, desk: None, rate_limits: None },
     ];
     config.auth.leeway_s = 0;
     common::start(config)

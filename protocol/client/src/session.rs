@@ -1034,6 +1034,12 @@ impl ClientSession {
     }
 
     fn on_conversation_event(&mut self, now: Instant, event: ConversationEvent) {
+        // Seq 0: a direct notification outside the session's order (an offer to an agent, or
+        // an offer withdrawn), which may concern a session this client also follows.
+        if event.seq == 0 {
+            self.events.push_back(Event::ConversationEvent(event));
+            return;
+        }
         match self.check_seq(&event.session, event.epoch, event.seq) {
             // Events of a session this client does not follow (an agent's offers, say) are
             // passed on as they come.

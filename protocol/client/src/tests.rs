@@ -825,3 +825,32 @@ fn the_property_harness_exercises_resends_and_gaps() {
     assert!(lossy.events.iter().any(|event| matches!(event, Event::Gap(gap) if gap.cause == GapCause::EpochChanged)));
     assert!(check_stream(&lossy).is_ok());
 }
+
+#[test]
+fn a_seq_zero_notification_passes_even_on_a_followed_session() {
+    let mut pair = connected_pair(FakeServerConfig::default());
+    subscribe(&mut pair, S, ResumeFrom::Live);
+    pair.server.publish(S, "agent-1", b"1");
+    pair.drive();
+    let notification = switchboard_protocol::ConversationEvent {
+        session: Text::from(S),
+        epoch: 0,
+        seq: 0,
+        timestamp_us: 1,
+        kind: switchboard_protocol::ConversationEventKind::Offered,
+        agent: Text::from("agent-1"),
+        queue: Text::new(),
+        position: 0,
+        estimated_wait_ms: 0,
+        group: Text::new(),
+        reason: Text::new(),
+    };
+    let conn = pair.server.connections()[0];
+    pair.server.push(conn, 0, &Frame::ConversationEvent(notification.clone()));
+    pair.drive();
+    pair.server.publish(S, "agent-1", b"2");
+    pair.drive();
+    assert!(pair.events.iter().any(|event| matches!(event, Event::ConversationEvent(e) if *e == notification)));
+    assert_eq!(seqs(&pair, S), [1, 2], "the subscription's order is untouched");
+    assert_eq!(pair.client.stats().protocol_violations, 0);
+}
