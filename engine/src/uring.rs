@@ -840,9 +840,18 @@ impl UringSender {
                 return Err(io::Error::other("UringSender::run is already running"));
             }
             this.inner.stopping.set(false);
-            let (a, b) = futures_lite::future::zip(this.flush_loop(), this.reap_loop()).await;
+            // The reaper is a task of its own, not a future zipped with the flusher: a zipped
+            // future is polled at every flusher wakeup, and glommio's pending read keeps one
+            // waker clone per poll until it completes, so a busy flusher overflowed the task's
+            // 16-bit reference count (an abort after ~32 000 wakeups with no completion).
+            let reaper = glommio::spawn_local({
+                let this = this.clone();
+                async move { this.reap_loop().await }
+            });
+            let flushed = this.flush_loop().await;
+            let reaped = reaper.await;
             this.inner.running.set(false);
-            a.and(b)
+            flushed.and(reaped)
         }
     }
 
