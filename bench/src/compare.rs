@@ -22,15 +22,26 @@ pub struct ServerSpec {
     pub name: String,
     /// Binary to start.
     pub binary: PathBuf,
+    /// Arguments added after the ones [`ServerSpec::args`] builds (e.g. switchboard's
+    /// `--durability sync`).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
 }
 
 impl ServerSpec {
+    /// A server with no extra arguments.
+    pub fn new(name: &str, binary: PathBuf) -> Self {
+        ServerSpec { name: name.into(), binary, extra_args: Vec::new() }
+    }
+
     /// Arguments to listen on 127.0.0.1:`port` and nothing else; `scratch` is a fresh folder
-    /// for any state the server keeps on disk.
+    /// for any state the server keeps on disk (`jetstream`: nats-server `-js` with its store
+    /// in `scratch/js`; `switchboard`: `--data-dir scratch`). Then [`ServerSpec::extra_args`].
     pub fn args(&self, port: u16, scratch: &Path) -> io::Result<Vec<String>> {
         let p = port.to_string();
-        Ok(match self.name.as_str() {
+        let mut args: Vec<String> = match self.name.as_str() {
             "nats" => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), p],
+            "jetstream" => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), p, "-js".into(), "-sd".into(), scratch.join("js").display().to_string()],
             "redis" => ["--bind", "127.0.0.1", "--port", &p, "--save", "", "--appendonly", "no", "--daemonize", "no"]
                 .iter()
                 .map(|s| (*s).to_string())
@@ -46,7 +57,9 @@ impl ServerSpec {
                 "--data-dir".into(),
                 scratch.display().to_string(),
             ],
-        })
+        };
+        args.extend(self.extra_args.iter().cloned());
+        Ok(args)
     }
 }
 
@@ -466,8 +479,7 @@ mod tests {
     #[test]
     fn medians_and_ratios() {
         let (_, cases, _) = matrix(true);
-        let servers: Vec<ServerSpec> =
-            ["nats", "redis"].iter().map(|n| ServerSpec { name: (*n).into(), binary: PathBuf::new() }).collect();
+        let servers: Vec<ServerSpec> = ["nats", "redis"].iter().map(|n| ServerSpec::new(n, PathBuf::new())).collect();
         let c = &cases[0].name;
         let mut runs = Vec::new();
         for (i, (p, d)) in [(100.0, 10.0), (300.0, 30.0), (200.0, 20.0)].iter().enumerate() {
@@ -489,9 +501,15 @@ mod tests {
 
     #[test]
     fn server_args_are_loopback_only() {
-        for n in ["nats", "redis", "switchboard"] {
-            let a = ServerSpec { name: n.into(), binary: PathBuf::new() }.args(4000, Path::new("/tmp/x")).unwrap().join(" ");
+        for n in ["nats", "redis", "switchboard", "jetstream"] {
+            let a = ServerSpec::new(n, PathBuf::new()).args(4000, Path::new("/tmp/x")).unwrap().join(" ");
             assert!(a.contains("127.0.0.1"), "{n}: {a}");
         }
+        let js = ServerSpec::new("jetstream", PathBuf::new()).args(4000, Path::new("/tmp/x")).unwrap();
+        assert!(js.ends_with(&["-js".to_string(), "-sd".into(), "/tmp/x/js".into()]), "{js:?}");
+        let mut sb = ServerSpec::new("switchboard", PathBuf::new());
+        sb.extra_args = vec!["--durability".into(), "sync".into()];
+        let a = sb.args(4000, Path::new("/tmp/x")).unwrap();
+        assert_eq!(a[a.len() - 2..], ["--durability".to_string(), "sync".into()]);
     }
 }

@@ -29,6 +29,8 @@
 #![allow(clippy::cast_precision_loss, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 
 pub mod accounting;
+pub mod ack;
+pub mod ackrun;
 pub mod backend;
 pub mod clock;
 pub mod compare;
