@@ -340,6 +340,14 @@ pub fn table(c: &Comparison) -> String {
     o
 }
 
+/// The last `n` non-empty lines of a log file, joined with ` | ` (for error messages).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(n).collect();
+    lines.reverse();
+    lines.join(" | ")
+}
+
 /// Find `name` on PATH (and in /usr/sbin, where Debian puts nats-server).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
@@ -367,6 +375,11 @@ fn pin_self(cpu: usize) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pin the calling thread (and the threads it spawns afterwards) to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    pin_self(cpu)
 }
 
 /// A command that runs pinned to `cpu` (if any) and gets SIGTERM if this process dies.
@@ -423,6 +436,14 @@ impl RunningServer {
                 return Err(io::Error::other(format!("{} did not listen on {} within 15 s", spec.name, s.addr)));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `Some(status)` if the server has exited (it should not have, while we use it).
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Some(st.to_string()),
+            _ => None,
         }
     }
 
