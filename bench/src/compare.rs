@@ -348,6 +348,17 @@ pub fn log_tail(path: &Path, n: usize) -> String {
     lines.join(" | ")
 }
 
+/// The first panic in a log file: the `panicked at` line and the message line after it.
+pub fn log_panic(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines().skip_while(|l| !l.contains("panicked at"));
+    let first = lines.next()?.trim();
+    Some(match lines.next() {
+        Some(msg) => format!("{first} {}", msg.trim()),
+        None => first.to_string(),
+    })
+}
+
 /// Find `name` on PATH (and in /usr/sbin, where Debian puts nats-server).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
@@ -518,6 +529,17 @@ mod tests {
         assert_eq!(r.deliveries_vs_nats, Some(2.0));
         assert_eq!(r.cpu_vs_nats, Some(0.5));
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn log_panic_and_tail() {
+        let p = std::env::temp_dir().join(format!("switchboard-bench-logtest-{}.log", std::process::id()));
+        std::fs::write(&p, "INFO ready\n\nthread 'shard-0' panicked at x.rs:1:2:\nassertion failed: refcount\nstack backtrace:\n  0: foo\n").unwrap();
+        assert_eq!(log_panic(&p).as_deref(), Some("thread 'shard-0' panicked at x.rs:1:2: assertion failed: refcount"));
+        assert_eq!(log_tail(&p, 2), "stack backtrace: | 0: foo");
+        std::fs::write(&p, "INFO ready\n").unwrap();
+        assert_eq!(log_panic(&p), None);
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]

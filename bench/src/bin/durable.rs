@@ -305,7 +305,8 @@ fn one_run(ctx: &Ctx, kind: &str, target: &Target, publishers: u32, rate: Option
             );
             let mut errs = r.errors.clone();
             if let Some(st) = server.exited() {
-                errs.insert(0, format!("server exited during the run ({st}): {}", compare::log_tail(&log, 4)));
+                let why = compare::log_panic(&log).unwrap_or_else(|| compare::log_tail(&log, 4));
+                errs.insert(0, format!("server exited during the run ({st}): {why}"));
             }
             if !errs.is_empty() {
                 errs.truncate(3);
