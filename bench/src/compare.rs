@@ -22,15 +22,26 @@ pub struct ServerSpec {
     pub name: String,
     /// Binary to start.
     pub binary: PathBuf,
+    /// Arguments added after the ones [`ServerSpec::args`] builds (e.g. switchboard's
+    /// `--durability sync`).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
 }
 
 impl ServerSpec {
+    /// A server with no extra arguments.
+    pub fn new(name: &str, binary: PathBuf) -> Self {
+        ServerSpec { name: name.into(), binary, extra_args: Vec::new() }
+    }
+
     /// Arguments to listen on 127.0.0.1:`port` and nothing else; `scratch` is a fresh folder
-    /// for any state the server keeps on disk.
+    /// for any state the server keeps on disk (`jetstream`: nats-server `-js` with its store
+    /// in `scratch/js`; `switchboard`: `--data-dir scratch`). Then [`ServerSpec::extra_args`].
     pub fn args(&self, port: u16, scratch: &Path) -> io::Result<Vec<String>> {
         let p = port.to_string();
-        Ok(match self.name.as_str() {
+        let mut args: Vec<String> = match self.name.as_str() {
             "nats" => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), p],
+            "jetstream" => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), p, "-js".into(), "-sd".into(), scratch.join("js").display().to_string()],
             "redis" => ["--bind", "127.0.0.1", "--port", &p, "--save", "", "--appendonly", "no", "--daemonize", "no"]
                 .iter()
                 .map(|s| (*s).to_string())
@@ -50,7 +61,9 @@ impl ServerSpec {
                 "--durability".into(),
                 "none".into(),
             ],
-        })
+        };
+        args.extend(self.extra_args.iter().cloned());
+        Ok(args)
     }
 }
 
@@ -331,6 +344,25 @@ pub fn table(c: &Comparison) -> String {
     o
 }
 
+/// The last `n` non-empty lines of a log file, joined with ` | ` (for error messages).
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).rev().take(n).collect();
+    lines.reverse();
+    lines.join(" | ")
+}
+
+/// The first panic in a log file: the `panicked at` line and the message line after it.
+pub fn log_panic(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut lines = text.lines().skip_while(|l| !l.contains("panicked at"));
+    let first = lines.next()?.trim();
+    Some(match lines.next() {
+        Some(msg) => format!("{first} {}", msg.trim()),
+        None => first.to_string(),
+    })
+}
+
 /// Find `name` on PATH (and in /usr/sbin, where Debian puts nats-server).
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
@@ -358,6 +390,11 @@ fn pin_self(cpu: usize) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pin the calling thread (and the threads it spawns afterwards) to one CPU.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    pin_self(cpu)
 }
 
 /// A command that runs pinned to `cpu` (if any) and gets SIGTERM if this process dies.
@@ -417,6 +454,14 @@ impl RunningServer {
         }
     }
 
+    /// `Some(status)` if the server has exited (it should not have, while we use it).
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(st)) => Some(st.to_string()),
+            _ => None,
+        }
+    }
+
     /// Its PID.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -470,8 +515,7 @@ mod tests {
     #[test]
     fn medians_and_ratios() {
         let (_, cases, _) = matrix(true);
-        let servers: Vec<ServerSpec> =
-            ["nats", "redis"].iter().map(|n| ServerSpec { name: (*n).into(), binary: PathBuf::new() }).collect();
+        let servers: Vec<ServerSpec> = ["nats", "redis"].iter().map(|n| ServerSpec::new(n, PathBuf::new())).collect();
         let c = &cases[0].name;
         let mut runs = Vec::new();
         for (i, (p, d)) in [(100.0, 10.0), (300.0, 30.0), (200.0, 20.0)].iter().enumerate() {
@@ -492,10 +536,27 @@ mod tests {
     }
 
     #[test]
+    fn log_panic_and_tail() {
+        let p = std::env::temp_dir().join(format!("switchboard-bench-logtest-{}.log", std::process::id()));
+        std::fs::write(&p, "INFO ready\n\nthread 'shard-0' panicked at x.rs:1:2:\nassertion failed: refcount\nstack backtrace:\n  0: foo\n").unwrap();
+        assert_eq!(log_panic(&p).as_deref(), Some("thread 'shard-0' panicked at x.rs:1:2: assertion failed: refcount"));
+        assert_eq!(log_tail(&p, 2), "stack backtrace: | 0: foo");
+        std::fs::write(&p, "INFO ready\n").unwrap();
+        assert_eq!(log_panic(&p), None);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
     fn server_args_are_loopback_only() {
-        for n in ["nats", "redis", "switchboard"] {
-            let a = ServerSpec { name: n.into(), binary: PathBuf::new() }.args(4000, Path::new("/tmp/x")).unwrap().join(" ");
+        for n in ["nats", "redis", "switchboard", "jetstream"] {
+            let a = ServerSpec::new(n, PathBuf::new()).args(4000, Path::new("/tmp/x")).unwrap().join(" ");
             assert!(a.contains("127.0.0.1"), "{n}: {a}");
         }
+        let js = ServerSpec::new("jetstream", PathBuf::new()).args(4000, Path::new("/tmp/x")).unwrap();
+        assert!(js.ends_with(&["-js".to_string(), "-sd".into(), "/tmp/x/js".into()]), "{js:?}");
+        let mut sb = ServerSpec::new("switchboard", PathBuf::new());
+        sb.extra_args = vec!["--durability".into(), "sync".into()];
+        let a = sb.args(4000, Path::new("/tmp/x")).unwrap();
+        assert_eq!(a[a.len() - 2..], ["--durability".to_string(), "sync".into()]);
     }
 }

@@ -20,18 +20,29 @@
 //!   human-readable table.
 //! - [`compare`]: the side-by-side matrix (servers, cases, repetitions, medians, ratios).
 //! - [`plot`]: PNG plots of a comparison with plotters.
+//! - [`ack`]: publish → acknowledgement backends (Switchboard PUBACK, NATS `JetStream`) and
+//!   the sans-IO tracker that matches every publish to its answer; [`ackrun`]: the generator of
+//!   `loadgen --ack` (paced or `--max` with a per-connection window).
+//! - [`fsync`]: the disk's own fdatasync latency, written like the journal.
+//! - [`durable`]: issue 6's suite (fdatasync baseline, durable latency, throughput against
+//!   publisher connections) and its markdown tables.
 //!
-//! Binaries: `loadgen` (one run), `compare` (the matrix against nats-server, redis-server and
-//! switchboard), `plot` (re-plot a saved comparison).
+//! Binaries: `loadgen` (one run; `--ack` for acknowledgements), `compare` (the matrix against
+//! nats-server, redis-server and switchboard), `plot` (re-plot a saved comparison),
+//! `fsync_probe` (the disk alone), `durable` (the durable suite).
 
 // Figures are counts and nanoseconds turned into rates and microseconds: the f64 conversions
 // are on purpose and far from the 2^52 where they would round.
 #![allow(clippy::cast_precision_loss, clippy::cast_sign_loss, clippy::cast_possible_wrap)]
 
 pub mod accounting;
+pub mod ack;
+pub mod ackrun;
 pub mod backend;
 pub mod clock;
 pub mod compare;
+pub mod durable;
+pub mod fsync;
 pub mod latency;
 pub mod payload;
 pub mod plot;

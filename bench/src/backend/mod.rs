@@ -9,7 +9,12 @@
 //!   fills.
 //!
 //! Adding a backend is one file: implement [`Backend`] and add it to [`BackendKind`].
+//!
+//! Servers that acknowledge publishes also implement [`crate::ack::AckBackend`] (`loadgen
+//! --ack`): `switchboard` (PUBACK) and `jetstream` (NATS `JetStream` publish acks, which is an
+//! acknowledgement-only backend).
 
+pub mod jetstream;
 pub mod mock;
 pub mod nats;
 pub mod redis;
@@ -91,25 +96,40 @@ pub enum BackendKind {
     Redis,
     /// Switchboard's binary protocol (`switchboard-protocol` codec).
     Switchboard,
+    /// NATS `JetStream` publish acknowledgements (`--ack` only: nats-server started with `-js`).
+    Jetstream,
     /// In-process mock (no server), optionally with injected faults.
     Mock,
 }
 
 impl BackendKind {
-    /// Build the backend for `addr`.
-    pub fn build(self, addr: &str, faults: mock::Faults) -> Arc<dyn Backend> {
-        match self {
+    /// Build the fan-out backend for `addr`; `Err` for an acknowledgement-only backend.
+    pub fn build(self, addr: &str, faults: mock::Faults) -> Result<Arc<dyn Backend>, String> {
+        Ok(match self {
+            BackendKind::Jetstream => return Err("jetstream only measures publish acknowledgements: add --ack".into()),
             BackendKind::Nats => Arc::new(nats::Nats::new(addr)),
             BackendKind::Redis => Arc::new(redis::Redis::new(addr)),
             BackendKind::Switchboard => Arc::new(switchboard::Switchboard::new(addr)),
             BackendKind::Mock => Arc::new(mock::Mock::new(faults)),
-        }
+        })
+    }
+
+    /// Build the acknowledgement backend for `addr` (`--ack`); `Err` for servers that do not
+    /// acknowledge publishes.
+    pub fn build_ack(self, addr: &str, faults: crate::ack::mock::AckFaults) -> Result<Arc<dyn crate::ack::AckBackend>, String> {
+        Ok(match self {
+            BackendKind::Switchboard => Arc::new(switchboard::Switchboard::new(addr)),
+            BackendKind::Jetstream => Arc::new(jetstream::JetStream::new(addr)),
+            BackendKind::Mock => Arc::new(crate::ack::mock::MockAck { faults, claim: "memory" }),
+            BackendKind::Nats => return Err("core NATS does not acknowledge publishes: use --backend jetstream".into()),
+            BackendKind::Redis => return Err("Redis PUBLISH has no durable acknowledgement: use switchboard or jetstream".into()),
+        })
     }
 
     /// The default server address for this backend.
     pub fn default_addr(self) -> &'static str {
         match self {
-            BackendKind::Nats => "127.0.0.1:4222",
+            BackendKind::Nats | BackendKind::Jetstream => "127.0.0.1:4222",
             BackendKind::Redis => "127.0.0.1:6379",
             BackendKind::Switchboard => "127.0.0.1:7400",
             BackendKind::Mock => "mock",

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-const CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"switchboard-loadgen\"}\r\n";
+pub(crate) const CONNECT: &[u8] = b"CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"switchboard-loadgen\"}\r\n";
 
 /// The NATS backend.
 pub struct Nats {
@@ -62,7 +62,7 @@ impl Backend for Nats {
 }
 
 /// What one parsed protocol line was.
-enum Op {
+pub(crate) enum Op {
     Msg { payload_start: usize, len: usize },
     Ping,
     Pong,
@@ -71,7 +71,7 @@ enum Op {
 
 /// Parse one complete operation at the front of `b`: `Ok(None)` if incomplete; on success the
 /// operation and the bytes it took.
-fn parse_op(b: &[u8]) -> io::Result<Option<(Op, usize)>> {
+pub(crate) fn parse_op(b: &[u8]) -> io::Result<Option<(Op, usize)>> {
     let Some(eol) = find_crlf(b) else {
         if b.len() > 4096 {
             return Err(proto_err("NATS: protocol line longer than 4 KiB"));

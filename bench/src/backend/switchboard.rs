@@ -6,15 +6,20 @@
 //! send PUBLISH (`client_msg_id` 0: no idempotency window) and their PUBACKs are read and
 //! discarded by the [`Replies`] half. Both answer server PINGs and send a PING of their own when
 //! they have written nothing for a third of `keepalive_ms`.
+//!
+//! As an [`AckBackend`] (`loadgen --ack`), a connection's PUBLISH correlation ids are the
+//! publish ids: the PUBACK (or an ERROR) carrying that correlation answers it, and the PUBACK's
+//! durability field is the claim counted in the report.
 
 use super::{PublisherPair, is_timeout, proto_err, subject, Backend, Gateway, Poll, Publisher, Replies, FLUSH_AT};
+use crate::ack::{Ack, AckBackend, AckReceiver, AckSender, Answer};
 use bytes::{Bytes, BytesMut};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchboard_protocol::{
-    decode, ErrorCode, Frame, Hello, Limits, Ping, Pong, Publish, ResumeFrom, ServerLimits, Subscribe, Text,
+    decode, Durability, ErrorCode, Frame, Hello, Limits, Ping, Pong, Publish, ResumeFrom, ServerLimits, Subscribe, Text,
 };
 
 /// Unconfirmed SUBSCRIBEs allowed in flight during setup.
@@ -331,5 +336,143 @@ impl Replies for SbReplies {
             }
         }
         Ok(p)
+    }
+}
+
+/// The label reported for a PUBACK's durability.
+pub fn durability_label(d: Durability) -> &'static str {
+    match d {
+        Durability::Memory => "memory",
+        Durability::Interval => "interval",
+        Durability::Sync => "sync",
+    }
+}
+
+/// What one frame read by an acknowledgement receiver means for the run.
+#[derive(Debug, PartialEq, Eq)]
+enum AckFrame {
+    /// An answer to the publish with this correlation id.
+    Answer(Ack),
+    /// A server PING to answer: (correlation, nonce).
+    Ping(u32, u64),
+    /// The connection is over (GOAWAY).
+    End(String),
+    /// Nothing for the run (PONG, …).
+    Other,
+}
+
+/// Classify one decoded frame: PUBACK and ERROR answer the publish whose correlation they
+/// carry (an ERROR for no outstanding publish is then counted as unexpected).
+fn ack_frame(correlation: u32, f: &Frame) -> AckFrame {
+    match f {
+        Frame::PubAck(a) => AckFrame::Answer(Ack { id: u64::from(correlation), answer: Answer::Ok { claim: durability_label(a.durability) } }),
+        Frame::Error(e) => AckFrame::Answer(Ack {
+            id: u64::from(correlation),
+            answer: Answer::Err(format!("ERROR {:?} ({}): {}", ErrorCode::from_u16(e.code), e.code, e.message.as_str())),
+        }),
+        Frame::GoAway(g) => AckFrame::End(format!("switchboard GOAWAY {:?}: {}", g.reason, g.message.as_str())),
+        Frame::Ping(p) => AckFrame::Ping(correlation, p.nonce),
+        _ => AckFrame::Other,
+    }
+}
+
+impl AckBackend for Switchboard {
+    fn name(&self) -> &'static str {
+        "switchboard"
+    }
+
+    fn connect(&self, index: usize) -> io::Result<(Box<dyn AckSender>, Box<dyn AckReceiver>)> {
+        let conn = Conn::open(&self.addr, &self.token, &format!("loadgen-ack-{index}"))?;
+        let pongs_due = Arc::new(Mutex::new(Vec::new()));
+        let receiver = SbAckReceiver { sock: conn.sock.try_clone()?, rbuf: BytesMut::with_capacity(READ_CHUNK), pongs_due: pongs_due.clone() };
+        let sender = SbPublisher {
+            conn,
+            out: BytesMut::with_capacity(FLUSH_AT + 4096),
+            subjects: Vec::new(),
+            sender: Text::from("loadgen"),
+            pongs_due,
+        };
+        Ok((Box::new(SbAckSender(sender)), Box::new(receiver)))
+    }
+}
+
+/// An [`SbPublisher`] that returns each PUBLISH's correlation id and only writes on flush.
+struct SbAckSender(SbPublisher);
+
+impl AckSender for SbAckSender {
+    fn publish(&mut self, session: u32, payload: &[u8]) -> io::Result<u64> {
+        let p = &mut self.0;
+        let i = session as usize;
+        if i >= p.subjects.len() {
+            p.subjects.resize(i + 1, None);
+        }
+        let subj = p.subjects[i].get_or_insert_with(|| Text::from(subject(session))).clone();
+        let corr = p.conn.corr();
+        let f = Frame::Publish(Publish {
+            session: subj,
+            client_msg_id: 0,
+            trace_id: 0,
+            sender: p.sender.clone(),
+            payload: Bytes::copy_from_slice(payload),
+        });
+        encode_into(&mut p.out, &f, corr)?;
+        Ok(u64::from(corr))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Publisher::flush(&mut self.0)
+    }
+}
+
+struct SbAckReceiver {
+    sock: TcpStream,
+    rbuf: BytesMut,
+    pongs_due: Arc<Mutex<Vec<(u32, u64)>>>,
+}
+
+impl AckReceiver for SbAckReceiver {
+    fn poll(&mut self, sink: &mut dyn FnMut(Ack)) -> io::Result<Poll> {
+        let p = fill(&mut self.sock, &mut self.rbuf)?;
+        while let Some(env) = decode(&mut self.rbuf, &Limits::default()).map_err(|e| proto_err(format!("decode: {e:?}")))? {
+            match ack_frame(env.correlation, &env.frame) {
+                AckFrame::Answer(a) => sink(a),
+                AckFrame::Ping(corr, nonce) => self.pongs_due.lock().unwrap().push((corr, nonce)),
+                AckFrame::End(why) => return Err(proto_err(why)),
+                AckFrame::Other => {}
+            }
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_protocol::{ErrorFrame, GoAway, GoAwayReason, PubAck};
+
+    /// Frames as the server writes them, decoded back and classified.
+    #[test]
+    fn puback_error_and_goaway_are_classified_from_the_wire() {
+        let mut wire = BytesMut::new();
+        for d in Durability::ALL {
+            let ack = PubAck { session: Text::from("s.1"), client_msg_id: 0, epoch: 1, seq: 7, duplicate: false, durability: *d };
+            Frame::PubAck(ack).encode(40 + u32::from(*d as u8), &mut wire).unwrap();
+        }
+        Frame::Error(ErrorFrame { code: ErrorCode::Malformed.as_u16(), message: Text::from("journal failed") }).encode(9, &mut wire).unwrap();
+        Frame::Ping(Ping { nonce: 5 }).encode(3, &mut wire).unwrap();
+        Frame::GoAway(GoAway { reason: GoAwayReason::Shutdown, reconnect_after_ms: 0, message: Text::from("bye") }).encode(0, &mut wire).unwrap();
+        let mut got = Vec::new();
+        while let Some(env) = decode(&mut wire, &Limits::default()).unwrap() {
+            got.push(ack_frame(env.correlation, &env.frame));
+        }
+        let claims: Vec<_> = got[..3].iter().map(|f| match f {
+            AckFrame::Answer(Ack { id, answer: Answer::Ok { claim } }) => (*id, *claim),
+            other => panic!("{other:?}"),
+        }).collect();
+        assert_eq!(claims, vec![(40, "memory"), (41, "interval"), (42, "sync")]);
+        assert!(matches!(&got[3], AckFrame::Answer(Ack { id: 9, answer: Answer::Err(t) }) if t.contains("journal failed")));
+        assert_eq!(got[4], AckFrame::Ping(3, 5));
+        assert!(matches!(&got[5], AckFrame::End(t) if t.contains("bye")));
+        assert!(wire.is_empty());
     }
 }

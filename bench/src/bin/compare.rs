@@ -295,7 +295,7 @@ fn pick_servers(a: &Args, exe_dir: &Path) -> (Vec<ServerSpec>, Vec<(String, Stri
             other => Err(format!("unknown server {other:?}")),
         };
         match bin {
-            Ok(binary) => servers.push(ServerSpec { name: name.clone(), binary }),
+            Ok(binary) => servers.push(ServerSpec::new(name, binary)),
             Err(why) => skipped.push((name.clone(), why)),
         }
     }
