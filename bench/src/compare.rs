@@ -56,12 +56,13 @@ impl ServerSpec {
                 "1".into(),
                 "--data-dir".into(),
                 scratch.display().to_string(),
-                // The peers here keep nothing (NATS core, Redis pub/sub): compare like with like.
-                // The durable comparison (journal vs JetStream) runs separately.
-                "--durability".into(),
-                "none".into(),
             ],
         };
+        // The pub/sub peers keep nothing (NATS core, Redis pub/sub): unless told otherwise (the
+        // durable suite passes its own `--durability`), the engine runs memory-only too.
+        if self.name == "switchboard" && !self.extra_args.iter().any(|a| a == "--durability") {
+            args.extend(["--durability".to_string(), "none".to_string()]);
+        }
         args.extend(self.extra_args.iter().cloned());
         Ok(args)
     }
