@@ -33,13 +33,17 @@ fn token(tenant: &str, role: &str, sub: &str) -> String {
 }
 
 fn engine(shards: usize, desk: DeskConfig, rate_limits: Option<RateLimitsConfig>) -> switchboard::EngineHandle {
+    common::start(config(shards, desk, rate_limits))
+}
+
+fn config(shards: usize, desk: DeskConfig, rate_limits: Option<RateLimitsConfig>) -> switchboard::Config {
     let mut config = common::test_config(shards);
     let key = |kid: &str, secret: &str| vec![TenantKeyConfig { kid: kid.into(), secret: secret.into() }];
     config.tenants = vec![
         TenantConfig { id: "acme".into(), keys: key("acme-1", ACME), desk: Some(desk), rate_limits, durability: None },
         TenantConfig { id: "globex".into(), keys: key("globex-1", GLOBEX), desk: None, rate_limits: None, durability: None },
     ];
-    common::start(config)
+    config
 }
 
 /// A connection with a role, keeping frames it read past while waiting for another one.
@@ -119,6 +123,28 @@ impl Client {
             Frame::Subscribed(subscribed) => subscribed,
             other => panic!("{}: SUBSCRIBE {session}: {other:?}", self.name),
         }
+    }
+
+    /// Every frame of `session`'s stream up to `head`, as (seq, what), from a fresh Earliest
+    /// subscription on a new connection.
+    fn stream(&mut self, session: &str, head: u64) -> Vec<(u64, String)> {
+        let mut reader = Raw::connect(self.raw.stream.peer_addr().unwrap());
+        let token = token("acme", "supervisor", "stream-reader");
+        let hello = Hello { version_max: 1, version_min: 1, features: 0, client_name: "cs-e2e".into(), token: Text::from(token) };
+        reader.send(&Frame::Hello(hello));
+        assert!(matches!(reader.recv().frame, Frame::Welcome(_)));
+        let subscribed = reader.subscribe(session, ResumeFrom::Earliest);
+        assert_eq!((subscribed.replay_from_seq, subscribed.head_seq), (1, head));
+        let mut out = Vec::new();
+        while out.len() < head as usize {
+            match reader.recv().frame {
+                Frame::Deliver(d) if d.session == session => out.push((d.seq, format!("{}: {}", d.sender, String::from_utf8_lossy(&d.payload)))),
+                Frame::ConversationEvent(e) if e.session == session && e.seq > 0 => out.push((e.seq, format!("{:?} {} {}", e.kind, e.agent, e.reason))),
+                _ => {}
+            }
+        }
+        assert_eq!(out.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), (1..=head).collect::<Vec<_>>(), "{out:?}");
+        out
     }
 
     /// The next `CONVERSATION_EVENT` of `session` of `kind` in the session's order (seq > 0).
@@ -209,8 +235,16 @@ fn short_desk() -> DeskConfig {
 
 #[test]
 fn a_conversation_from_open_to_close() {
-    for shards in [1, 3] {
-        let engine = engine(shards, short_desk(), None);
+    // Memory only on 1 shard; journaled (sync) on 3, then restarted: the conversation's stream,
+    // events and messages in one seq order, comes back whole in the same epoch.
+    let journal = common::TempDir::new("cs-e2e");
+    for (shards, durable) in [(1, false), (3, true)] {
+        let mut config = config(shards, short_desk(), None);
+        if durable {
+            config.journal.durability = switchboard::config::DurabilityMode::Sync;
+            config.server.data_dir = journal.path().to_path_buf();
+        }
+        let engine = common::start(config.clone());
         let addr = engine.data_addr();
         let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
         let mut cus = Client::connect(addr, "acme", "customer", "cus-1");
@@ -281,9 +315,20 @@ fn a_conversation_from_open_to_close() {
         // Close: everyone sees it; the customer may no longer publish.
         bob.request_ok(&close("conv-1", "resolved"));
         assert_eq!(cus.event("conv-1", Kind::Closed).reason, "resolved");
-        assert_eq!(sup.event("conv-1", Kind::Closed).agent, "bob");
+        let closed = sup.event("conv-1", Kind::Closed);
+        assert_eq!(closed.agent, "bob");
         assert_eq!(cus.publish("conv-1", "cus-1", b"thanks").unwrap_err().0, ErrorCode::Forbidden);
+        let before = sup.stream("conv-1", closed.seq);
+        drop((sup, cus, ann, bob));
         engine.shutdown();
+        if durable {
+            let engine = common::start(config);
+            let mut sup = Client::connect(engine.data_addr(), "acme", "supervisor", "sup-1");
+            let restored = sup.subscribe("conv-1", ResumeFrom::Earliest);
+            assert_eq!((restored.epoch, restored.head_seq), (subscribed.epoch, closed.seq), "{restored:?}");
+            assert_eq!(sup.stream("conv-1", closed.seq), before, "the restored stream differs");
+            engine.shutdown();
+        }
     }
 }
 

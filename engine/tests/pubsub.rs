@@ -147,3 +147,33 @@ fn unsubscribe_stops_delivery_and_unknown_unsubscribe_is_an_error() {
     assert_eq!(deliver.session.as_str(), "b");
     engine.shutdown();
 }
+
+/// One connection pipelining far more publishes than a task's 16-bit waker count: the engine
+/// once aborted here (a pending eventfd read kept a waker clone per sender wakeup).
+#[test]
+fn one_connection_gets_fifty_thousand_acks_in_order() {
+    let engine = start(test_config(1));
+    let mut publisher = Raw::handshake(engine.data_addr());
+    const TOTAL: u64 = 50_000;
+    const WINDOW: u64 = 512;
+    let frame = Raw::publish_frame("conv", "me", 0, b"x").to_bytes(0).unwrap();
+    let mut batch = Vec::with_capacity(frame.len() * WINDOW as usize);
+    let mut acked = 0;
+    while acked < TOTAL {
+        batch.clear();
+        for _ in 0..WINDOW {
+            batch.extend_from_slice(&frame);
+        }
+        publisher.send_bytes(&batch);
+        for _ in 0..WINDOW {
+            match publisher.recv().frame {
+                Frame::PubAck(ack) => {
+                    acked += 1;
+                    assert_eq!(ack.seq, acked);
+                }
+                other => panic!("expected PUBACK {acked}, got {other:?}"),
+            }
+        }
+    }
+    engine.shutdown();
+}
