@@ -760,24 +760,30 @@ impl Shard {
         let epoch = owned.session.epoch();
         let visible_seq = owned.session.visible_seq();
         let wire_durability = mode.wire();
+        let seq = match outcome {
+            PublishOutcome::Appended(seq) | PublishOutcome::Duplicate(seq) => seq,
+        };
+        // What waits for the journal: a new message (its ticket and frame), or a repeat of one
+        // still waiting (neither: answered right after the original).
+        let publish_ack = |ticket, frame| PendingAck {
+            event: false,
+            ticket,
+            origin,
+            conn,
+            correlation,
+            key: SessionKey::owned(&key.tenant, &key.session),
+            client_msg_id,
+            epoch,
+            seq,
+            durability: wire_durability,
+            frame,
+            ingress_raw,
+        };
         match outcome {
-            PublishOutcome::Appended(seq) if journal.is_some() => {
+            PublishOutcome::Appended(_) if journal.is_some() => {
                 let frame = owned.session.last().expect("a message was just appended").frame.clone();
                 drop(state);
-                self.await_ack(PendingAck {
-                    event: false,
-                    ticket,
-                    origin,
-                    conn,
-                    correlation,
-                    key: SessionKey::owned(&key.tenant, &key.session),
-                    client_msg_id,
-                    epoch,
-                    seq,
-                    durability: wire_durability,
-                    frame: Some(frame),
-                    ingress_raw,
-                });
+                self.await_ack(publish_ack(ticket, Some(frame)));
             }
             PublishOutcome::Appended(seq) => {
                 let message = owned.session.last().expect("a message was just appended");
@@ -789,24 +795,11 @@ impl Shard {
                 let session = key.session.clone();
                 self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability });
             }
-            PublishOutcome::Duplicate(seq) if seq > visible_seq => {
+            PublishOutcome::Duplicate(_) if seq > visible_seq => {
                 // The original is still waiting for the journal: answer after it.
                 drop(state);
                 self.count(|c| c.publishes_duplicate_total += 1);
-                self.await_ack(PendingAck {
-                    event: false,
-                    ticket: None,
-                    origin,
-                    conn,
-                    correlation,
-                    key: SessionKey::owned(&key.tenant, &key.session),
-                    client_msg_id,
-                    epoch,
-                    seq,
-                    durability: wire_durability,
-                    frame: None,
-                    ingress_raw,
-                });
+                self.await_ack(publish_ack(None, None));
             }
             PublishOutcome::Duplicate(seq) => {
                 drop(state);

@@ -23,6 +23,8 @@
 //! `CS_SIM_SEED=<seed> cargo test -p switchboard --test cs_simulation`.
 //! `CS_SIM_SEEDS=<n>` runs n seeds instead of the default 20.
 
+mod common;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -31,6 +33,7 @@ use switchboard::cs::queue::{Overflow, QueuePolicy};
 use switchboard::cs::routing::{BusinessHours, OpenRange, StrategyConfig, Variant};
 use switchboard::cs::{AgentKey, CsTimerId, DeskLimits, DeskPolicy, Effect, State, TenantDesk, TimerKind, TimerPayload};
 use switchboard::timer::{Fired, TimerId, TimerWheel};
+use common::Rng;
 use switchboard_protocol::{AgentPresence, ConversationEventKind as Kind, ErrorCode, Text, TransferKind};
 
 const DEFAULT_SEEDS: u64 = 20;
@@ -48,36 +51,6 @@ const VARIANTS: [(&str, u32); 3] = [("least", 5), ("skill", 3), ("hours", 2)];
 /// Largest allowed gap between a group's share and its weight's share (about 5 standard
 /// deviations at 1 800 conversations and p = 0.5).
 const AB_TOLERANCE: f64 = 0.06;
-
-struct Rng(u64);
-
-impl Rng {
-    /// splitmix64.
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            None
-        } else {
-            Some(&items[self.below(items.len() as u64) as usize])
-        }
-    }
-}
 
 fn t(s: &str) -> Text {
     Text::from(s)
