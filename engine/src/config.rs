@@ -559,6 +559,21 @@ impl Default for ControlConfig {
 /// Shortest admin token accepted, in bytes.
 pub const ADMIN_TOKEN_BYTES_MIN: usize = 16;
 
+impl ControlConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.admin_token.is_empty() && self.admin_token.len() < ADMIN_TOKEN_BYTES_MIN {
+            return Err(ConfigError::Invalid {
+                key: "control.admin_token",
+                problem: format!("must be empty (writes disabled) or at least {ADMIN_TOKEN_BYTES_MIN} bytes"),
+            });
+        }
+        if self.page_items_max == 0 || self.page_items_max > 100_000 {
+            return Err(ConfigError::Invalid { key: "control.page_items_max", problem: "must be between 1 and 100000".into() });
+        }
+        Ok(())
+    }
+}
+
 /// Token buckets. Each rate is refilled continuously and holds at most `burst_ms` worth of it;
 /// a request over it gets ERROR(RateLimited) and changes nothing. A rate of 0 is no limit (the
 /// default: benchmarks push one gateway connection past a million publishes per second).
@@ -925,15 +940,7 @@ impl Config {
                 return Err(ConfigError::Invalid { key, problem });
             }
         }
-        if !self.control.admin_token.is_empty() && self.control.admin_token.len() < ADMIN_TOKEN_BYTES_MIN {
-            return Err(ConfigError::Invalid {
-                key: "control.admin_token",
-                problem: format!("must be empty (writes disabled) or at least {ADMIN_TOKEN_BYTES_MIN} bytes"),
-            });
-        }
-        if self.control.page_items_max == 0 || self.control.page_items_max > 100_000 {
-            return invalid("control.page_items_max", "must be between 1 and 100000");
-        }
+        self.control.validate()?;
         if self.server.shards > 256 {
             return invalid("server.shards", "at most 256");
         }

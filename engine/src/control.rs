@@ -12,7 +12,7 @@
 //! rule for threads outside the shards); a shard answers on its own executor, into a fresh
 //! one-slot channel, so a shard never waits for the control plane. Every wait for a shard
 //! here has a deadline ([`SHARD_ANSWER_TIMEOUT_MS`]). [`WORKERS`] threads take requests
-//! from tiny_http, so one slow client holds up one of them, not the port.
+//! from `tiny_http`, so one slow client holds up one of them, not the port.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

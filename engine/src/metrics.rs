@@ -41,13 +41,27 @@ struct TenantLabels {
     tenant: String,
 }
 
-/// A tenant and one more label: presence, queue, state, operation. Bounded: tenants come from
-/// the configuration, queues from the tenant's policy (at most `DeskLimits::queues_max`), the
-/// others are fixed sets.
+// Desk label sets. Bounded: tenants come from the configuration, queues from the tenant's
+// policy (at most `DeskLimits::queues_max`), groups from its experiment (at most
+// `DeskLimits::variants_max`, plus "none"); presences, states, operations and outcomes are
+// fixed sets.
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TenantKindLabels {
+struct PresenceLabels {
     tenant: String,
-    kind: String,
+    presence: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    tenant: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    tenant: String,
+    op: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,7 +70,6 @@ struct QueueLabels {
     queue: String,
 }
 
-/// A/B group counters: groups at most `DeskLimits::variants_max` per tenant, plus "none".
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GroupLabels {
     tenant: String,
@@ -194,11 +207,13 @@ pub fn render(snapshots: &[ShardSnapshot], desks: &[DeskMetrics]) -> String {
 
 fn render_desks(b: &mut Builder, desks: &[DeskMetrics]) {
     let tenant = |d: &DeskMetrics| TenantLabels { tenant: d.tenant.clone() };
-    let kind = |d: &DeskMetrics, kind: &str| TenantKindLabels { tenant: d.tenant.clone(), kind: kind.to_owned() };
     let presence = desks.iter().flat_map(|d| {
-        ["online", "away", "offline"].iter().zip(d.agents_by_presence).map(move |(name, count)| (kind(d, name), gauge_i64(count)))
+        ["online", "away", "offline"]
+            .iter()
+            .zip(d.agents_by_presence)
+            .map(move |(name, count)| (PresenceLabels { tenant: d.tenant.clone(), presence: (*name).to_owned() }, gauge_i64(count)))
     });
-    b.gauge("desk_agents", "Agents known to the tenant's desk, by presence (kind)", presence);
+    b.gauge("desk_agents", "Agents known to the tenant's desk, by presence", presence);
     b.gauge("desk_agents_connected", "Agents with a connection reporting their status", desks.iter().map(|d| (tenant(d), gauge_i64(d.agents_connected))));
     b.gauge("desk_agent_capacity", "Capacity of online agents, summed", desks.iter().map(|d| (tenant(d), gauge_i64(d.capacity_online))));
     b.gauge("desk_agent_load", "Conversations assigned to agents, summed", desks.iter().map(|d| (tenant(d), gauge_i64(d.load))));
@@ -212,9 +227,11 @@ fn render_desks(b: &mut Builder, desks: &[DeskMetrics]) {
     b.gauge("desk_queue_oldest_wait_ms", "How long the longest-waiting conversation of the queue has waited, in milliseconds", queues(|q| q.oldest_wait_ms));
     let states = desks.iter().flat_map(|d| {
         let c = d.conversations;
-        [("queued", c.queued), ("offered", c.offered), ("active", c.active)].into_iter().map(move |(name, count)| (kind(d, name), gauge_i64(count)))
+        [("queued", c.queued), ("offered", c.offered), ("active", c.active)]
+            .into_iter()
+            .map(move |(name, count)| (StateLabels { tenant: d.tenant.clone(), state: name.to_owned() }, gauge_i64(count)))
     });
-    b.gauge("desk_conversations", "Open conversations, by state (kind)", states);
+    b.gauge("desk_conversations", "Open conversations, by state", states);
     let groups = desks.iter().flat_map(|d| {
         d.groups.iter().flat_map(move |g| {
             let group = if g.group.is_empty() { "none".to_owned() } else { g.group.clone() };
@@ -233,10 +250,12 @@ fn render_desks(b: &mut Builder, desks: &[DeskMetrics]) {
     let requests = |refusals: bool| {
         desks
             .iter()
-            .flat_map(move |d| d.requests.iter().map(move |(op, n, refused)| (kind(d, op), if refusals { *refused } else { *n })))
+            .flat_map(move |d| {
+                d.requests.iter().map(move |(op, n, refused)| (OpLabels { tenant: d.tenant.clone(), op: (*op).to_owned() }, if refusals { *refused } else { *n }))
+            })
             .collect::<Vec<_>>()
     };
-    b.counter("desk_requests", "Desk requests handled, by operation (kind)", requests(false));
-    b.counter("desk_refusals", "Desk requests refused, by operation (kind)", requests(true));
+    b.counter("desk_requests", "Desk requests handled (access checks included), by operation", requests(false));
+    b.counter("desk_refusals", "Desk requests refused, by operation", requests(true));
     b.gauge("desk_policy_version", "Version of the desk policy in force on the tenant's desk shard", desks.iter().map(|d| (tenant(d), gauge_i64(d.policy_version))));
 }

@@ -64,12 +64,12 @@ fn desk(strategy: StrategySpec) -> DeskConfig {
 fn http(addr: SocketAddr, method: &str, path: &str, bearer: Option<&str>, body: Option<&str>) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(common::EXPECT_TIMEOUT)).unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
-    if let Some(token) = bearer {
-        request += &format!("Authorization: Bearer {token}\r\n");
-    }
+    let authorization = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
     let body = body.unwrap_or("");
-    request += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{authorization}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
@@ -397,10 +397,10 @@ fn views_and_metrics_reflect_the_desk() {
     ] {
         assert!(metrics.contains(family), "/metrics lacks {family}:\n{metrics}");
     }
-    assert!(metrics.contains(r#"switchboard_desk_agents{tenant="acme",kind="online"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"switchboard_desk_agents{tenant="acme",kind="away"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"switchboard_desk_agents{tenant="acme",presence="online"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"switchboard_desk_agents{tenant="acme",presence="away"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"switchboard_desk_queue_length{tenant="acme",queue="default"} 5"#), "{metrics}");
-    assert!(metrics.contains(r#"switchboard_desk_conversations{tenant="acme",kind="queued"} 5"#), "{metrics}");
+    assert!(metrics.contains(r#"switchboard_desk_conversations{tenant="acme",state="queued"} 5"#), "{metrics}");
     assert!(common::metric_sum(&metrics, "switchboard_desk_group_conversations_total") >= 6);
     let opened_metric: u64 = ["a", "b"]
         .iter()

@@ -154,7 +154,7 @@ fn view(state: &ControlState, tenant: &Text, query: DeskQuery) -> Reply {
     }
 }
 
-/// `limit` (1..=page_items_max, default page_items_max) and `cursor` (an agent key).
+/// `limit` (1 to `page_items_max`, by default `page_items_max`) and `cursor` (an agent key).
 fn agents_query(state: &ControlState, query: &str) -> Result<DeskQuery, String> {
     let page_max = state.config.control.page_items_max;
     let (mut limit, mut cursor) = (page_max, 0u32);

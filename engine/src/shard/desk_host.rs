@@ -87,6 +87,9 @@ struct HostedDesk {
     customers: HashMap<Text, Vec<(usize, ConnId)>>,
 }
 
+/// Desk requests handled and refused (see `DeskHost::request_counts`).
+pub(super) type RequestCounts = (u64, u64);
+
 /// What this shard knows of one of its connections.
 struct LocalConn {
     identity: Identity,
@@ -127,7 +130,7 @@ pub(crate) struct DeskHost {
     /// (tenant, operation) → desk requests handled here and how many were refused (for
     /// /metrics; tenants are the configured ones, operations a fixed set). Kept by
     /// `desk_control`.
-    pub(super) request_counts: RefCell<HashMap<(Text, &'static str), (u64, u64)>>,
+    pub(super) request_counts: RefCell<HashMap<(Text, &'static str), RequestCounts>>,
 }
 
 impl Shard {
