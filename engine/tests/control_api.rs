@@ -410,3 +410,18 @@ fn views_and_metrics_reflect_the_desk() {
     assert!(common::metric_sum(&metrics, "switchboard_desk_requests_total") >= 8, "opens and statuses are counted");
     engine.shutdown();
 }
+
+#[test]
+fn open_mode_serves_the_default_tenant() {
+    let engine = common::start(common::test_config(2));
+    let control = engine.control_addr();
+    let tenants = get_json(control, "/v1/tenants");
+    assert_eq!(tenants["tenants"][0]["id"], "default", "{tenants}");
+    let (version, policy) = policy_version(control, "default");
+    assert_eq!((version, policy["policy"]["strategy"].as_str()), (1, Some("least-load")), "{policy}");
+    assert_eq!(get_json(control, "/v1/tenants/default/conversations")["open"], 0);
+    assert_eq!(http(control, "GET", "/v1/tenants/acme/policy", None, None).0, 404, "no other tenant in open mode");
+    let (_, metrics) = common::http_get(control, "/metrics");
+    assert!(metrics.contains(r#"switchboard_desk_policy_version{tenant="default"} 1"#), "{metrics}");
+    engine.shutdown();
+}
