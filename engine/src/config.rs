@@ -4,10 +4,13 @@
 //! default), then overridden by command-line flags. Everything the shards size at start comes
 //! from here; nothing grows past these limits at run time.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use switchboard_protocol::limits::ID_BYTES_MAX;
+use switchboard_protocol::Text;
 
 /// Largest DELIVER frame minus its payload: header, two maximal ids and the fixed fields.
 pub const DELIVER_OVERHEAD_BYTES_MAX: usize = 16 + (1 + 128) + 8 + 8 + 8 + 16 + (1 + 128) + 4;
@@ -39,6 +42,8 @@ pub struct Config {
     /// Token buckets per connection and per tenant; a tenant's own `rate_limits` section
     /// replaces it for that tenant.
     pub rate_limits: RateLimitsConfig,
+    /// The control port's API: admin token, page sizes.
+    pub control: ControlConfig,
 }
 
 /// What a PUBLISH acknowledgement promises, chosen per engine and per tenant.
@@ -142,16 +147,224 @@ pub struct TenantConfig {
     pub rate_limits: Option<RateLimitsConfig>,
 }
 
-/// How a desk picks an agent among those who can take a conversation.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum StrategyName {
+/// How a desk picks an agent among those who can take a conversation: the same document in
+/// the configuration file and on the control API.
+///
+/// Written as a name (`"least-load"`, `"skill-based"`, `"affinity"`: affinity over
+/// least-load) or as a table tagged by `kind`:
+///
+/// - `{ kind = "least-load" }`, `{ kind = "skill-based" }`
+/// - `{ kind = "weighted-round-robin", weights = { ann = 5, bob = 1 }, default_weight = 1 }`
+///   (agents not listed get `default_weight`; weight 0 means never)
+/// - `{ kind = "affinity", fallback = <strategy> }` (fallback default: least-load)
+/// - `{ kind = "business-hours", utc_offset_minutes = 60, open = [{ weekday = 0,
+///   start_minute = 540, end_minute = 1020 }], inner = <strategy> }` (weekday 0 = Monday;
+///   out of hours new conversations get the offline outcome; inner default: least-load)
+///
+/// Nesting is at most [`crate::cs::routing::STRATEGY_DEPTH_MAX`] deep.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StrategySpec {
     /// The agent with the most spare capacity.
+    #[default]
     LeastLoad,
     /// Agents with every skill asked for, then the most spare capacity.
     SkillBased,
-    /// The customer's last agent when it can take the conversation, else least-load.
-    Affinity,
+    /// Smooth weighted round-robin over the agents that can take the conversation.
+    WeightedRoundRobin {
+        /// Weight per agent id.
+        weights: BTreeMap<String, u32>,
+        /// Weight of agents not listed.
+        default_weight: u32,
+    },
+    /// The customer's last agent when it can take the conversation, else `fallback`.
+    Affinity {
+        /// Routing when the last agent cannot take it.
+        fallback: Box<StrategySpec>,
+    },
+    /// Out of hours: the offline outcome for new conversations; in hours: `inner`.
+    BusinessHours {
+        /// Local time minus UTC, in minutes (-720..=840).
+        utc_offset_minutes: i32,
+        /// When it is open.
+        open: Vec<OpenRangeConfig>,
+        /// Routing while open.
+        inner: Box<StrategySpec>,
+    },
+}
+
+/// One opening range of business hours: `weekday` 0 = Monday … 6 = Sunday, minutes since
+/// local midnight, `start_minute` included, `end_minute` (at most 1440) excluded.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OpenRangeConfig {
+    /// 0 = Monday … 6 = Sunday.
+    pub weekday: u8,
+    /// First open minute of the day.
+    pub start_minute: u16,
+    /// First closed minute after it.
+    pub end_minute: u16,
+}
+
+/// Most opening ranges in one business-hours strategy (a week of split shifts).
+pub const OPEN_RANGES_MAX: usize = 64;
+
+/// The tagged form of [`StrategySpec`] (what a table in TOML or an object in JSON is).
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+enum TaggedStrategy {
+    // Braces, not unit variants: serde refuses unknown fields only in struct variants.
+    LeastLoad {},
+    SkillBased {},
+    WeightedRoundRobin {
+        #[serde(default)]
+        weights: BTreeMap<String, u32>,
+        #[serde(default = "default_weight")]
+        default_weight: u32,
+    },
+    Affinity {
+        #[serde(default)]
+        fallback: Box<StrategySpec>,
+    },
+    BusinessHours {
+        #[serde(default)]
+        utc_offset_minutes: i32,
+        open: Vec<OpenRangeConfig>,
+        #[serde(default)]
+        inner: Box<StrategySpec>,
+    },
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Serialize for StrategySpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let tagged = match self {
+            StrategySpec::LeastLoad => return serializer.serialize_str("least-load"),
+            StrategySpec::SkillBased => return serializer.serialize_str("skill-based"),
+            StrategySpec::WeightedRoundRobin { weights, default_weight } => {
+                TaggedStrategy::WeightedRoundRobin { weights: weights.clone(), default_weight: *default_weight }
+            }
+            StrategySpec::Affinity { fallback } => TaggedStrategy::Affinity { fallback: fallback.clone() },
+            StrategySpec::BusinessHours { utc_offset_minutes, open, inner } => {
+                TaggedStrategy::BusinessHours { utc_offset_minutes: *utc_offset_minutes, open: open.clone(), inner: inner.clone() }
+            }
+        };
+        tagged.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for StrategySpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<StrategySpec, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = StrategySpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a strategy name (\"least-load\", \"skill-based\", \"affinity\") or a table with `kind`")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<StrategySpec, E> {
+                match name {
+                    "least-load" => Ok(StrategySpec::LeastLoad),
+                    "skill-based" => Ok(StrategySpec::SkillBased),
+                    "affinity" => Ok(StrategySpec::Affinity { fallback: Box::new(StrategySpec::LeastLoad) }),
+                    "weighted-round-robin" | "business-hours" => {
+                        Err(E::custom(format!("strategy `{name}` needs its settings: write it as a table with kind = \"{name}\"")))
+                    }
+                    other => Err(E::unknown_variant(other, &["least-load", "skill-based", "affinity", "weighted-round-robin", "business-hours"])),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<StrategySpec, A::Error> {
+                let tagged = TaggedStrategy::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(match tagged {
+                    TaggedStrategy::LeastLoad {} => StrategySpec::LeastLoad,
+                    TaggedStrategy::SkillBased {} => StrategySpec::SkillBased,
+                    TaggedStrategy::WeightedRoundRobin { weights, default_weight } => StrategySpec::WeightedRoundRobin { weights, default_weight },
+                    TaggedStrategy::Affinity { fallback } => StrategySpec::Affinity { fallback },
+                    TaggedStrategy::BusinessHours { utc_offset_minutes, open, inner } => StrategySpec::BusinessHours { utc_offset_minutes, open, inner },
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl StrategySpec {
+    /// The domain's strategy configuration.
+    pub fn to_strategy(&self) -> crate::cs::StrategyConfig {
+        use crate::cs::{BusinessHours, OpenRange, StrategyConfig};
+        match self {
+            StrategySpec::LeastLoad => StrategyConfig::LeastLoad,
+            StrategySpec::SkillBased => StrategyConfig::SkillBased,
+            StrategySpec::WeightedRoundRobin { weights, default_weight } => StrategyConfig::WeightedRoundRobin {
+                weights: weights.iter().map(|(agent, weight)| (Text::from(agent.as_str()), *weight)).collect(),
+                default_weight: *default_weight,
+            },
+            StrategySpec::Affinity { fallback } => StrategyConfig::Affinity { fallback: Box::new(fallback.to_strategy()) },
+            StrategySpec::BusinessHours { utc_offset_minutes, open, inner } => StrategyConfig::BusinessHours {
+                hours: BusinessHours {
+                    utc_offset_minutes: *utc_offset_minutes,
+                    open: open.iter().map(|r| OpenRange { weekday: r.weekday, start_minute: r.start_minute, end_minute: r.end_minute }).collect(),
+                },
+                inner: Box::new(inner.to_strategy()),
+            },
+        }
+    }
+
+    /// The document for a domain strategy (what GET shows of the policy in force).
+    pub fn from_strategy(strategy: &crate::cs::StrategyConfig) -> StrategySpec {
+        use crate::cs::StrategyConfig;
+        match strategy {
+            StrategyConfig::LeastLoad => StrategySpec::LeastLoad,
+            StrategyConfig::SkillBased => StrategySpec::SkillBased,
+            StrategyConfig::WeightedRoundRobin { weights, default_weight } => StrategySpec::WeightedRoundRobin {
+                weights: weights.iter().map(|(agent, weight)| (agent.to_string(), *weight)).collect(),
+                default_weight: *default_weight,
+            },
+            StrategyConfig::Affinity { fallback } => StrategySpec::Affinity { fallback: Box::new(StrategySpec::from_strategy(fallback)) },
+            StrategyConfig::BusinessHours { hours, inner } => StrategySpec::BusinessHours {
+                utc_offset_minutes: hours.utc_offset_minutes,
+                open: hours.open.iter().map(|r| OpenRangeConfig { weekday: r.weekday, start_minute: r.start_minute, end_minute: r.end_minute }).collect(),
+                inner: Box::new(StrategySpec::from_strategy(inner)),
+            },
+        }
+    }
+
+    /// What the domain's validation does not see: agent ids in weights, the number of
+    /// opening ranges.
+    fn check(&self, at: &str) -> Result<(), String> {
+        match self {
+            StrategySpec::LeastLoad | StrategySpec::SkillBased => Ok(()),
+            StrategySpec::WeightedRoundRobin { weights, .. } => {
+                match weights.keys().find(|agent| agent.is_empty() || agent.len() > ID_BYTES_MAX) {
+                    Some(agent) => Err(format!("{at}: agent id `{agent}` in weights must be 1..={ID_BYTES_MAX} bytes")),
+                    None => Ok(()),
+                }
+            }
+            StrategySpec::Affinity { fallback } => fallback.check(&format!("{at}.fallback")),
+            StrategySpec::BusinessHours { open, inner, .. } => {
+                if open.len() > OPEN_RANGES_MAX {
+                    return Err(format!("{at}.open: at most {OPEN_RANGES_MAX} ranges"));
+                }
+                inner.check(&format!("{at}.inner"))
+            }
+        }
+    }
+}
+
+/// One arm of an A/B experiment: new conversations are split across the variants in
+/// proportion to their weights (by a stable hash of the session id); the group tag is kept on
+/// the conversation, sent in its events and counted in metrics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    /// The group tag (1 to 128 bytes, unique in the experiment).
+    pub group: String,
+    /// Relative share of new conversations.
+    pub weight: u32,
+    /// How its conversations are routed.
+    #[serde(default)]
+    pub strategy: StrategySpec,
 }
 
 /// One queue (team or skill) of a desk.
@@ -172,12 +385,17 @@ pub struct QueueConfig {
     pub overflow: String,
 }
 
-/// A tenant's customer-service desk: policy and count limits (see `cs::desk`).
+/// A tenant's routing and queue policy: what may change at run time, through the control
+/// API (`PUT /v1/tenants/{id}/policy`) or, at start, from the configuration file. One type
+/// for both, so the file's `[desk]` keys below and the API's `policy` object are the same
+/// document. Keys left out take their embedded defaults (not the values in force).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct DeskConfig {
-    /// Routing strategy: "least-load", "skill-based" or "affinity".
-    pub strategy: StrategyName,
+#[serde(default)]
+pub struct DeskPolicyConfig {
+    /// Routing when there is no experiment (and for conversations of a removed group).
+    pub strategy: StrategySpec,
+    /// A/B variants; empty: no experiment.
+    pub experiment: Vec<VariantConfig>,
     /// How long an agent has to answer an offer, in milliseconds.
     pub offer_timeout_ms: u64,
     /// How long an agent whose connections all dropped keeps its conversations before it goes
@@ -185,43 +403,28 @@ pub struct DeskConfig {
     pub agent_grace_ms: u64,
     /// Handle time assumed for the estimated wait before any is measured, in milliseconds.
     pub initial_handle_ms: u64,
-    /// Open conversations of the tenant; `OPEN_CONVERSATION` past it gets ERROR(LimitExceeded).
-    pub conversations_max: usize,
-    /// Agents of the tenant (kept once seen).
-    pub agents_max: usize,
-    /// Conversations waiting in one queue.
-    pub queue_length_max: usize,
     /// The queues, the first being the default one.
     pub queues: Vec<QueueConfig>,
 }
 
-impl Default for DeskConfig {
+impl Default for DeskPolicyConfig {
     fn default() -> Self {
         let policy = crate::cs::DeskPolicy::default();
-        let limits = crate::cs::DeskLimits::default();
-        DeskConfig {
-            strategy: StrategyName::LeastLoad,
+        DeskPolicyConfig {
+            strategy: StrategySpec::LeastLoad,
+            experiment: Vec::new(),
             offer_timeout_ms: policy.offer_timeout_ms,
             agent_grace_ms: policy.agent_grace_ms,
             initial_handle_ms: policy.initial_handle_ms,
-            conversations_max: limits.conversations_max,
-            agents_max: limits.agents_max,
-            queue_length_max: limits.queue_length_max,
             queues: vec![QueueConfig { name: "default".into(), skills: Vec::new(), wait_ms_max: 0, overflow: String::new() }],
         }
     }
 }
 
-impl DeskConfig {
-    /// The desk's policy.
-    pub fn policy(&self) -> crate::cs::DeskPolicy {
-        use crate::cs::{Overflow, QueuePolicy, StrategyConfig};
-        use switchboard_protocol::Text;
-        let strategy = match self.strategy {
-            StrategyName::LeastLoad => StrategyConfig::LeastLoad,
-            StrategyName::SkillBased => StrategyConfig::SkillBased,
-            StrategyName::Affinity => StrategyConfig::Affinity { fallback: Box::new(StrategyConfig::LeastLoad) },
-        };
+impl DeskPolicyConfig {
+    /// The domain's policy (the standard conversation state machine).
+    pub fn to_policy(&self) -> crate::cs::DeskPolicy {
+        use crate::cs::{Overflow, QueuePolicy, Variant};
         let queues = self
             .queues
             .iter()
@@ -232,14 +435,96 @@ impl DeskConfig {
                 overflow: if queue.overflow.is_empty() { Overflow::Offline } else { Overflow::Queue(Text::from(queue.overflow.as_str())) },
             })
             .collect();
+        let experiment = self
+            .experiment
+            .iter()
+            .map(|variant| Variant { group: Text::from(variant.group.as_str()), weight: variant.weight, strategy: variant.strategy.to_strategy() })
+            .collect();
         crate::cs::DeskPolicy {
-            strategy,
+            strategy: self.strategy.to_strategy(),
+            experiment,
             queues,
             offer_timeout_ms: self.offer_timeout_ms,
             agent_grace_ms: self.agent_grace_ms,
             initial_handle_ms: self.initial_handle_ms,
             ..crate::cs::DeskPolicy::default()
         }
+    }
+
+    /// The document for a policy in force (skills come back sorted, as the desk keeps them).
+    pub fn from_policy(policy: &crate::cs::DeskPolicy) -> DeskPolicyConfig {
+        use crate::cs::Overflow;
+        DeskPolicyConfig {
+            strategy: StrategySpec::from_strategy(&policy.strategy),
+            experiment: policy
+                .experiment
+                .iter()
+                .map(|v| VariantConfig { group: v.group.to_string(), weight: v.weight, strategy: StrategySpec::from_strategy(&v.strategy) })
+                .collect(),
+            offer_timeout_ms: policy.offer_timeout_ms,
+            agent_grace_ms: policy.agent_grace_ms,
+            initial_handle_ms: policy.initial_handle_ms,
+            queues: policy
+                .queues
+                .iter()
+                .map(|q| QueueConfig {
+                    name: q.name.to_string(),
+                    skills: q.skills.iter().map(ToString::to_string).collect(),
+                    wait_ms_max: q.wait_ms_max,
+                    overflow: match &q.overflow {
+                        Overflow::Offline => String::new(),
+                        Overflow::Queue(target) => target.to_string(),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// Checks the whole document against a desk's limits, as the desk itself would, plus what
+    /// only the document has (agent ids in weights, opening ranges): `Err` is the reason, for
+    /// a 400 or a configuration error. Nothing is changed by a refused document.
+    pub fn validate(&self, limits: &crate::cs::DeskLimits) -> Result<(), String> {
+        self.strategy.check("strategy")?;
+        for variant in &self.experiment {
+            variant.strategy.check(&format!("experiment group `{}`: strategy", variant.group))?;
+        }
+        crate::cs::TenantDesk::new(limits.clone(), self.to_policy()).map(drop).map_err(|error| error.to_string())
+    }
+}
+
+/// A tenant's customer-service desk: its policy (which the control API may replace at run
+/// time) and its count limits (fixed at start; see `cs::desk`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeskConfig {
+    /// Strategy, A/B experiment, timeouts and queues: the keys of [`DeskPolicyConfig`],
+    /// written directly in the desk's section.
+    #[serde(flatten)]
+    pub policy: DeskPolicyConfig,
+    /// Open conversations of the tenant; `OPEN_CONVERSATION` past it gets ERROR(LimitExceeded).
+    pub conversations_max: usize,
+    /// Agents of the tenant (kept once seen).
+    pub agents_max: usize,
+    /// Conversations waiting in one queue.
+    pub queue_length_max: usize,
+}
+
+impl Default for DeskConfig {
+    fn default() -> Self {
+        let limits = crate::cs::DeskLimits::default();
+        DeskConfig {
+            policy: DeskPolicyConfig::default(),
+            conversations_max: limits.conversations_max,
+            agents_max: limits.agents_max,
+            queue_length_max: limits.queue_length_max,
+        }
+    }
+}
+
+impl DeskConfig {
+    /// The desk's policy.
+    pub fn policy(&self) -> crate::cs::DeskPolicy {
+        self.policy.to_policy()
     }
 
     /// The desk's count limits.
@@ -250,6 +535,42 @@ impl DeskConfig {
             queue_length_max: self.queue_length_max,
             ..crate::cs::DeskLimits::default()
         }
+    }
+}
+
+/// The control port's API (see `control.rs` and the README's "Control API" section).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Bearer token for writes (`PUT /v1/tenants/{id}/policy`): requests must carry
+    /// `Authorization: Bearer <admin_token>`. Empty (the default): writes are disabled (403);
+    /// reads need no token. At least 16 bytes when set.
+    pub admin_token: String,
+    /// Most items one list answer holds (agents per page); a request's `limit` is capped at it.
+    pub page_items_max: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig { admin_token: String::new(), page_items_max: 500 }
+    }
+}
+
+/// Shortest admin token accepted, in bytes.
+pub const ADMIN_TOKEN_BYTES_MIN: usize = 16;
+
+impl ControlConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.admin_token.is_empty() && self.admin_token.len() < ADMIN_TOKEN_BYTES_MIN {
+            return Err(ConfigError::Invalid {
+                key: "control.admin_token",
+                problem: format!("must be empty (writes disabled) or at least {ADMIN_TOKEN_BYTES_MIN} bytes"),
+            });
+        }
+        if self.page_items_max == 0 || self.page_items_max > 100_000 {
+            return Err(ConfigError::Invalid { key: "control.page_items_max", problem: "must be between 1 and 100000".into() });
+        }
+        Ok(())
     }
 }
 
@@ -615,10 +936,11 @@ impl Config {
         }
         let desks = std::iter::once(("desk", &self.desk)).chain(self.tenants.iter().filter_map(|t| t.desk.as_ref().map(|d| ("tenants.desk", d))));
         for (key, desk) in desks {
-            if let Err(error) = crate::cs::TenantDesk::new(desk.limits(), desk.policy()) {
-                return Err(ConfigError::Invalid { key, problem: error.to_string() });
+            if let Err(problem) = desk.policy.validate(&desk.limits()) {
+                return Err(ConfigError::Invalid { key, problem });
             }
         }
+        self.control.validate()?;
         if self.server.shards > 256 {
             return invalid("server.shards", "at most 256");
         }
@@ -664,5 +986,75 @@ mod tests {
         config.limits.payload_bytes_max = config.limits.frame_body_bytes_max;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("limits.payload_bytes_max"), "{error}");
+    }
+
+    #[test]
+    fn every_strategy_and_an_experiment_read_from_the_file() {
+        let text = r#"
+            [desk]
+            offer_timeout_ms = 500
+            [desk.strategy]
+            kind = "business-hours"
+            utc_offset_minutes = 60
+            open = [{ weekday = 0, start_minute = 540, end_minute = 1020 }]
+            inner = { kind = "affinity", fallback = { kind = "weighted-round-robin", weights = { ann = 5, bob = 1 } } }
+            [[desk.experiment]]
+            group = "a"
+            weight = 70
+            strategy = "skill-based"
+            [[desk.experiment]]
+            group = "b"
+            weight = 30
+        "#;
+        let config: Config = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        let policy = &config.desk.policy;
+        let wrr = StrategySpec::WeightedRoundRobin { weights: [("ann".to_owned(), 5), ("bob".to_owned(), 1)].into(), default_weight: 1 };
+        let expected = StrategySpec::BusinessHours {
+            utc_offset_minutes: 60,
+            open: vec![OpenRangeConfig { weekday: 0, start_minute: 540, end_minute: 1020 }],
+            inner: Box::new(StrategySpec::Affinity { fallback: Box::new(wrr) }),
+        };
+        assert_eq!(policy.strategy, expected);
+        assert_eq!(policy.experiment[1].strategy, StrategySpec::LeastLoad);
+        assert_eq!(policy.offer_timeout_ms, 500);
+        // The file, the API (JSON) and the policy in force describe the same document.
+        assert_eq!(DeskPolicyConfig::from_policy(&policy.to_policy()), *policy);
+        let json = serde_json::to_string(policy).unwrap();
+        assert_eq!(serde_json::from_str::<DeskPolicyConfig>(&json).unwrap(), *policy);
+        let again = toml::to_string(&config).unwrap();
+        assert_eq!(toml::from_str::<Config>(&again).unwrap(), config, "{again}");
+        // The short names still read as before.
+        let affinity: Config = toml::from_str("[desk]\nstrategy = \"affinity\"").unwrap();
+        assert_eq!(affinity.desk.policy.strategy, StrategySpec::Affinity { fallback: Box::new(StrategySpec::LeastLoad) });
+    }
+
+    #[test]
+    fn bad_strategy_documents_are_refused_with_the_reason() {
+        let parse = |text: &str| toml::from_str::<Config>(text).map_err(|e| e.to_string());
+        assert!(parse("[desk]\nstrategy = \"round-robin\"").unwrap_err().contains("round-robin"));
+        assert!(parse("[desk]\nstrategy = \"weighted-round-robin\"").unwrap_err().contains("needs its settings"));
+        assert!(parse("[desk.strategy]\nkind = \"least-load\"\nweights = {}").unwrap_err().contains("weights"));
+        assert!(parse("[desk]\nbogus = 1").unwrap_err().contains("bogus"));
+        let invalid = |strategy: StrategySpec| {
+            let policy = DeskPolicyConfig { strategy, ..DeskPolicyConfig::default() };
+            policy.validate(&crate::cs::DeskLimits::default()).unwrap_err()
+        };
+        let zero = StrategySpec::WeightedRoundRobin { weights: BTreeMap::new(), default_weight: 0 };
+        assert!(invalid(zero).contains("every weight is 0"));
+        let empty_id = StrategySpec::WeightedRoundRobin { weights: [(String::new(), 1)].into(), default_weight: 1 };
+        assert!(invalid(empty_id).contains("agent id"));
+        let hours = StrategySpec::BusinessHours {
+            utc_offset_minutes: 0,
+            open: vec![OpenRangeConfig { weekday: 7, start_minute: 0, end_minute: 1 }],
+            inner: Box::new(StrategySpec::LeastLoad),
+        };
+        assert!(invalid(hours).contains("opening range"));
+        let mut config = Config::default();
+        config.desk.policy.experiment = vec![VariantConfig { group: "a".into(), weight: 0, strategy: StrategySpec::LeastLoad }];
+        assert!(config.validate().unwrap_err().to_string().contains("weights sum to 0"));
+        config.desk.policy.experiment.clear();
+        config.control.admin_token = "short".into();
+        assert!(config.validate().unwrap_err().to_string().contains("control.admin_token"));
     }
 }

@@ -13,7 +13,7 @@
 //!        │ io_uring sender │    │ io_uring sender │   one submit flushes many sockets
 //!        └────────▲────────┘    └────────▲────────┘
 //!                 └──── flume ───┬───────┘
-//!                       control thread: /healthz /readyz /metrics
+//!                       control threads: /healthz /readyz /metrics /v1
 //! ```
 //!
 //! Layout, in the order a message meets it:
@@ -25,7 +25,8 @@
 //! - [`mesh`]: messages between shards and the ordered links that carry them.
 //! - [`pool`]: the per-shard mmap buffer pool with ref-counted leases.
 //! - [`uring`]: the per-shard io_uring sender (batched, ordered, bounded per connection).
-//! - [`control`] and [`metrics`]: the control thread and its Prometheus rendering.
+//! - [`control`] and [`metrics`]: the control threads (health, metrics, the JSON API on desks)
+//!   and the Prometheus rendering.
 //! - [`auth`]: tenants and HELLO token verification; [`rate`]: token buckets.
 //! - [`cs`]: the customer-service domain (desks, routing, access rules), plain Rust; the shard
 //!   hosts each tenant's desk on `mesh::tenant_shard(tenant)` and carries out its effects.

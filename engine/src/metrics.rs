@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::shard::ShardSnapshot;
+use crate::shard::{DeskMetrics, ShardSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ShardLabels {
@@ -34,6 +34,47 @@ struct ClassLabels {
 struct QuantileLabels {
     shard: String,
     quantile: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabels {
+    tenant: String,
+}
+
+// Desk label sets. Bounded: tenants come from the configuration, queues from the tenant's
+// policy (at most `DeskLimits::queues_max`), groups from its experiment (at most
+// `DeskLimits::variants_max`, plus "none"); presences, states, operations and outcomes are
+// fixed sets.
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PresenceLabels {
+    tenant: String,
+    presence: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    tenant: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    tenant: String,
+    op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    tenant: String,
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    tenant: String,
+    group: String,
+    outcome: String,
 }
 
 struct Builder {
@@ -72,9 +113,10 @@ fn gauge_i64(value: impl TryInto<i64>) -> i64 {
     value.try_into().unwrap_or(i64::MAX)
 }
 
-/// The /metrics body.
-pub fn render(snapshots: &[ShardSnapshot]) -> String {
+/// The /metrics body: shard snapshots, and the desks (each reported by its desk shard).
+pub fn render(snapshots: &[ShardSnapshot], desks: &[DeskMetrics]) -> String {
     let mut b = Builder { registry: Registry::with_prefix("switchboard") };
+    render_desks(&mut b, desks);
     b.gauge("connections", "Open connections", snapshots.iter().map(|s| (shard(s), gauge_i64(s.connections))));
     b.gauge("sessions", "Sessions owned by the shard", snapshots.iter().map(|s| (shard(s), gauge_i64(s.sessions))));
     b.gauge("subscribed_sessions", "Sessions with subscribers on the shard", snapshots.iter().map(|s| (shard(s), gauge_i64(s.subscribed_sessions))));
@@ -161,4 +203,59 @@ pub fn render(snapshots: &[ShardSnapshot]) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &b.registry).expect("writing to a String cannot fail");
     out
+}
+
+fn render_desks(b: &mut Builder, desks: &[DeskMetrics]) {
+    let tenant = |d: &DeskMetrics| TenantLabels { tenant: d.tenant.clone() };
+    let presence = desks.iter().flat_map(|d| {
+        ["online", "away", "offline"]
+            .iter()
+            .zip(d.agents_by_presence)
+            .map(move |(name, count)| (PresenceLabels { tenant: d.tenant.clone(), presence: (*name).to_owned() }, gauge_i64(count)))
+    });
+    b.gauge("desk_agents", "Agents known to the tenant's desk, by presence", presence);
+    b.gauge("desk_agents_connected", "Agents with a connection reporting their status", desks.iter().map(|d| (tenant(d), gauge_i64(d.agents_connected))));
+    b.gauge("desk_agent_capacity", "Capacity of online agents, summed", desks.iter().map(|d| (tenant(d), gauge_i64(d.capacity_online))));
+    b.gauge("desk_agent_load", "Conversations assigned to agents, summed", desks.iter().map(|d| (tenant(d), gauge_i64(d.load))));
+    let queues = |pick: fn(&crate::shard::QueueView) -> u64| {
+        desks
+            .iter()
+            .flat_map(move |d| d.queues.iter().map(move |q| (QueueLabels { tenant: d.tenant.clone(), queue: q.name.clone() }, gauge_i64(pick(q)))))
+            .collect::<Vec<_>>()
+    };
+    b.gauge("desk_queue_length", "Conversations waiting in the queue", queues(|q| q.length as u64));
+    b.gauge("desk_queue_oldest_wait_ms", "How long the longest-waiting conversation of the queue has waited, in milliseconds", queues(|q| q.oldest_wait_ms));
+    let states = desks.iter().flat_map(|d| {
+        let c = d.conversations;
+        [("queued", c.queued), ("offered", c.offered), ("active", c.active)]
+            .into_iter()
+            .map(move |(name, count)| (StateLabels { tenant: d.tenant.clone(), state: name.to_owned() }, gauge_i64(count)))
+    });
+    b.gauge("desk_conversations", "Open conversations, by state", states);
+    let groups = desks.iter().flat_map(|d| {
+        d.groups.iter().flat_map(move |g| {
+            let group = if g.group.is_empty() { "none".to_owned() } else { g.group.clone() };
+            [("opened", g.opened), ("assigned", g.assigned), ("closed", g.closed), ("abandoned", g.abandoned), ("offline", g.offline)]
+                .into_iter()
+                .map(move |(outcome, count)| (GroupLabels { tenant: d.tenant.clone(), group: group.clone(), outcome: outcome.to_owned() }, count))
+        })
+    });
+    b.counter("desk_group_conversations", "Conversations per A/B group (\"none\": no experiment), by outcome", groups.collect::<Vec<_>>());
+    let stat = |pick: fn(&crate::cs::DeskStats) -> u64| desks.iter().map(move |d| (tenant(d), pick(&d.stats))).collect::<Vec<_>>();
+    b.counter("desk_offers", "Offers made to agents", stat(|s| s.offers));
+    b.counter("desk_offer_timeouts", "Offers that timed out", stat(|s| s.offer_timeouts));
+    b.counter("desk_declines", "Offers declined", stat(|s| s.declines));
+    b.counter("desk_overflows", "Conversations moved to an overflow queue", stat(|s| s.overflows));
+    b.counter("desk_strategy_misses", "Times a strategy broke its contract and least-load was used", stat(|s| s.strategy_misses));
+    let requests = |refusals: bool| {
+        desks
+            .iter()
+            .flat_map(move |d| {
+                d.requests.iter().map(move |(op, n, refused)| (OpLabels { tenant: d.tenant.clone(), op: (*op).to_owned() }, if refusals { *refused } else { *n }))
+            })
+            .collect::<Vec<_>>()
+    };
+    b.counter("desk_requests", "Desk requests handled (access checks included), by operation", requests(false));
+    b.counter("desk_refusals", "Desk requests refused, by operation", requests(true));
+    b.gauge("desk_policy_version", "Version of the desk policy in force on the tenant's desk shard", desks.iter().map(|d| (tenant(d), gauge_i64(d.policy_version))));
 }

@@ -192,7 +192,7 @@ pub fn start(config: Config) -> Result<EngineHandle, StartError> {
         }
     }
     drop(reservation);
-    let control = control::start(config.server.control, control_senders, listening, shards)
+    let control = control::start(config.server.control, control_senders, listening, shards, config.clone())
         .map_err(|source| StartError::Bind { addr: config.server.control, source })?;
     tracing::info!(%data_addr, control = %control.addr(), shards, epoch, "switchboard ready");
     Ok(EngineHandle { data_addr, control, shard_threads, shards })
@@ -448,6 +448,20 @@ async fn serve_control(shard: Rc<Shard>, requests: flume::Receiver<ShardRequest>
                 let _ = reply.send(shard.snapshot());
             }
             ShardRequest::Shutdown => shard.shutdown.trigger(),
+            // Answers go into one-slot channels made for them: `send` never waits here.
+            ShardRequest::DeskQuery { tenant, query, reply } => {
+                let _ = reply.send(shard.desk_query(&tenant, query));
+            }
+            ShardRequest::SetPolicy { tenant, expected_version, policy, reply } => {
+                let _ = reply.send(shard.change_desk_policy(&tenant, expected_version, *policy));
+            }
+            ShardRequest::PolicyApplied { tenant, version } => shard.note_policy_version(&tenant, version),
+            ShardRequest::PolicyVersion { tenant, reply } => {
+                let _ = reply.send(shard.policy_version(&tenant));
+            }
+            ShardRequest::DeskMetrics(reply) => {
+                let _ = reply.send(shard.desk_metrics());
+            }
         }
     }
 }

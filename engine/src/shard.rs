@@ -37,7 +37,10 @@ use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
 use crate::uring::{ConnSlot, EnqueueError, OutBuf, UringSender};
 
+mod desk_control;
 mod desk_host;
+
+pub use desk_control::{DeskAnswer, DeskMetrics, DeskQuery, PolicyRefusal, QueueView, INITIAL_POLICY_VERSION};
 
 /// A set of shard indexes (at most 256 shards).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use common::Raw;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use switchboard::config::{DeskConfig, QueueConfig, RateLimitsConfig, TenantConfig, TenantKeyConfig};
+use switchboard::config::{DeskConfig, DeskPolicyConfig, QueueConfig, RateLimitsConfig, TenantConfig, TenantKeyConfig};
 use switchboard_protocol::{
     AgentPresence, AgentStatus, CloseConversation, ConversationEvent, ConversationEventKind as Kind, Envelope, ErrorCode, Frame, Hello,
     OfferResponse, OpenConversation, Ping, ReadCursor, ResumeFrom, Subscribe, Subscribed, Text, Transfer, TransferKind, TransferTarget,
@@ -230,7 +230,7 @@ fn close(session: &str, reason: &str) -> Frame {
 }
 
 fn short_desk() -> DeskConfig {
-    DeskConfig { offer_timeout_ms: 30_000, agent_grace_ms: 30_000, ..DeskConfig::default() }
+    DeskConfig { policy: DeskPolicyConfig { offer_timeout_ms: 30_000, agent_grace_ms: 30_000, ..DeskPolicyConfig::default() }, ..DeskConfig::default() }
 }
 
 #[test]
@@ -391,7 +391,8 @@ fn every_cross_tenant_and_cross_role_attempt_is_refused() {
 
 #[test]
 fn a_declined_or_unanswered_offer_goes_to_the_next_agent() {
-    let desk = DeskConfig { offer_timeout_ms: 300, ..short_desk() };
+    let mut desk = short_desk();
+    desk.policy.offer_timeout_ms = 300;
     let engine = engine(3, desk, None);
     let addr = engine.data_addr();
     let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
@@ -430,7 +431,8 @@ fn a_declined_or_unanswered_offer_goes_to_the_next_agent() {
 #[test]
 fn a_queue_overflows_then_gives_the_offline_outcome() {
     let queue = |name: &str, overflow: &str| QueueConfig { name: name.into(), skills: vec![], wait_ms_max: 200, overflow: overflow.into() };
-    let desk = DeskConfig { queues: vec![queue("front", "backup"), queue("backup", "")], ..short_desk() };
+    let mut desk = short_desk();
+    desk.policy.queues = vec![queue("front", "backup"), queue("backup", "")];
     for shards in [1, 3] {
         let engine = engine(shards, desk.clone(), None);
         let mut cus = Client::connect(engine.data_addr(), "acme", "customer", "cus-1");
@@ -449,7 +451,8 @@ fn a_queue_overflows_then_gives_the_offline_outcome() {
 
 #[test]
 fn a_leaving_customer_abandons_and_a_lost_agent_goes_offline_after_its_grace() {
-    let desk = DeskConfig { agent_grace_ms: 200, ..short_desk() };
+    let mut desk = short_desk();
+    desk.policy.agent_grace_ms = 200;
     let engine = engine(3, desk, None);
     let addr = engine.data_addr();
     let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");

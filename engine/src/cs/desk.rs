@@ -270,6 +270,8 @@ pub struct ConversationView<'a> {
     pub group: &'a Text,
     /// Agents that declined it or let the offer expire (not offered it again).
     pub declined: &'a [AgentKey],
+    /// When its current stay in its queue began (the max-wait clock), Unix milliseconds.
+    pub queued_since_ms: u64,
 }
 
 impl ConversationView<'_> {
@@ -546,6 +548,7 @@ impl TenantDesk {
             skills: &conv.skills,
             group: &conv.group,
             declined: &conv.declined,
+            queued_since_ms: conv.stint_started_ms,
         }
     }
 

@@ -87,6 +87,9 @@ struct HostedDesk {
     customers: HashMap<Text, Vec<(usize, ConnId)>>,
 }
 
+/// Desk requests handled and refused (see `DeskHost::request_counts`).
+pub(super) type RequestCounts = (u64, u64);
+
 /// What this shard knows of one of its connections.
 struct LocalConn {
     identity: Identity,
@@ -121,6 +124,13 @@ pub(crate) struct DeskHost {
     /// Access checks waiting for the desk's verdict.
     checks: RefCell<HashMap<u64, flume::Sender<Option<Refusal>>>>,
     next_check: Cell<u64>,
+    /// Tenant → the policy version this shard has applied (absent: the configuration's,
+    /// version 1). Kept by `desk_control`.
+    pub(super) policy_versions: RefCell<HashMap<Text, u64>>,
+    /// (tenant, operation) → desk requests handled here and how many were refused (for
+    /// /metrics; tenants are the configured ones, operations a fixed set). Kept by
+    /// `desk_control`.
+    pub(super) request_counts: RefCell<HashMap<(Text, &'static str), RequestCounts>>,
 }
 
 impl Shard {
@@ -301,6 +311,17 @@ impl Shard {
         self.reply(origin, Event::DeskAnswer { conn, correlation, check, refusal });
     }
 
+    /// Reads `tenant`'s desk, creating it from the configuration when it has not been used yet
+    /// (the control plane's views). Call on the tenant's shard.
+    pub(super) fn desk_read<R>(&self, tenant: &Text, read: impl FnOnce(&TenantDesk) -> R) -> Result<R, DeskError> {
+        if tenant_shard(tenant, self.shards) != self.index {
+            return Err(DeskError::BadRequest { reason: format!("tenant `{tenant}`'s desk lives on another shard") });
+        }
+        let mut desks = self.desk.desks.borrow_mut();
+        let hosted = self.hosted_desk(&mut desks, tenant)?;
+        Ok(read(&hosted.desk))
+    }
+
     fn hosted_desk<'a>(&self, desks: &'a mut HashMap<Text, HostedDesk>, tenant: &Text) -> Result<&'a mut HostedDesk, DeskError> {
         if !desks.contains_key(tenant) {
             let own = self.config.tenants.iter().find(|t| t.id == tenant.as_str()).and_then(|t| t.desk.as_ref());
@@ -393,6 +414,7 @@ impl Shard {
             }
         };
         self.desk_carry_out(tenant, effects);
+        self.desk_count(tenant, op, result.is_err());
         result
     }
 
