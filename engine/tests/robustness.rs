@@ -128,7 +128,10 @@ fn slow_consumer_is_disconnected_while_a_fast_one_gets_everything() {
         // buffers, several MiB each) plus the outbound limit, so the limit must trip.
         let total = 6000u64;
         let payload = vec![7u8; 4000];
-        // Pipeline the publishes, and read the fast subscriber concurrently.
+        // Pipeline the publishes, and read the fast subscriber concurrently; it reports its
+        // progress so the publisher never runs more than two windows ahead of it (on a loaded
+        // machine a reader thread can be descheduled long enough to fall megabytes behind).
+        let (progress_tx, progress) = std::sync::mpsc::channel::<u64>();
         let fast_reader = std::thread::spawn(move || {
             let mut last = 0;
             while last < total {
@@ -136,12 +139,17 @@ fn slow_consumer_is_disconnected_while_a_fast_one_gets_everything() {
                 let Frame::Deliver(deliver) = frame else { panic!("fast subscriber after seq {last}: {frame:?}") };
                 assert_eq!(deliver.seq, last + 1, "the fast subscriber sees every message in order");
                 last = deliver.seq;
+                let _ = progress_tx.send(last);
             }
             fast
         });
         // Publish in windows of 32, waiting for the PUBACKs: a rate any reader that reads can
         // follow, while the slow one (which reads nothing) falls ever further behind.
+        let mut fast_seen = 0;
         for window in (0..total).collect::<Vec<_>>().chunks(32) {
+            while fast_seen + 64 < window[0] {
+                fast_seen = progress.recv_timeout(common::EXPECT_TIMEOUT).expect("the fast subscriber keeps up");
+            }
             for n in window {
                 publisher.send(&Raw::publish_frame("busy", "alice", n + 1, &payload));
             }
