@@ -193,6 +193,13 @@ pub struct DeskConfig {
     pub queue_length_max: usize,
     /// The queues, the first being the default one.
     pub queues: Vec<QueueConfig>,
+    /// How long a customer whose last connection dropped keeps its waiting conversations (and
+    /// their places) before they are abandoned, in milliseconds (0: at once).
+    pub customer_grace_ms: u64,
+    /// Longest `OPEN_CONVERSATION` context kept and shown to the agent, in bytes (≤ 1024).
+    pub context_bytes_max: usize,
+    /// The tenant's tickets.
+    pub tickets: TicketsConfig,
 }
 
 impl Default for DeskConfig {
@@ -208,6 +215,9 @@ impl Default for DeskConfig {
             agents_max: limits.agents_max,
             queue_length_max: limits.queue_length_max,
             queues: vec![QueueConfig { name: "default".into(), skills: Vec::new(), wait_ms_max: 0, overflow: String::new() }],
+            customer_grace_ms: policy.customer_grace_ms,
+            context_bytes_max: limits.context_bytes_max,
+            tickets: TicketsConfig::default(),
         }
     }
 }
@@ -238,6 +248,7 @@ impl DeskConfig {
             offer_timeout_ms: self.offer_timeout_ms,
             agent_grace_ms: self.agent_grace_ms,
             initial_handle_ms: self.initial_handle_ms,
+            customer_grace_ms: self.customer_grace_ms,
             ..crate::cs::DeskPolicy::default()
         }
     }
@@ -248,7 +259,58 @@ impl DeskConfig {
             conversations_max: self.conversations_max,
             agents_max: self.agents_max,
             queue_length_max: self.queue_length_max,
+            context_bytes_max: self.context_bytes_max,
             ..crate::cs::DeskLimits::default()
+        }
+    }
+
+    /// The tickets' limits and SLA.
+    pub fn ticket_settings(&self) -> crate::cs::TicketSettings {
+        let t = &self.tickets;
+        crate::cs::TicketSettings {
+            tickets_max: t.tickets_max,
+            closed_tickets_max: t.closed_tickets_max,
+            payload_bytes_max: t.payload_bytes_max,
+            escalation_level_max: t.escalation_level_max,
+            sla_ms: [t.sla_accepted_ms, t.sla_assigned_ms, t.sla_in_progress_ms, t.sla_follow_up_ms],
+        }
+    }
+}
+
+/// A tenant's tickets (`[desk.tickets]`; see `cs::tickets`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketsConfig {
+    /// Tickets not closed; a Create past it gets ERROR(LimitExceeded).
+    pub tickets_max: usize,
+    /// Closed tickets kept (the oldest is forgotten first).
+    pub closed_tickets_max: usize,
+    /// Largest ticket payload, in bytes (at most `limits.payload_bytes_max`).
+    pub payload_bytes_max: usize,
+    /// Highest escalation level.
+    pub escalation_level_max: u8,
+    /// SLA of each state, in milliseconds (0: none): past it the escalation level rises.
+    pub sla_accepted_ms: u64,
+    /// See `sla_accepted_ms`.
+    pub sla_assigned_ms: u64,
+    /// See `sla_accepted_ms`.
+    pub sla_in_progress_ms: u64,
+    /// See `sla_accepted_ms`.
+    pub sla_follow_up_ms: u64,
+}
+
+impl Default for TicketsConfig {
+    fn default() -> Self {
+        let d = crate::cs::TicketSettings::default();
+        TicketsConfig {
+            tickets_max: d.tickets_max,
+            closed_tickets_max: d.closed_tickets_max,
+            payload_bytes_max: d.payload_bytes_max,
+            escalation_level_max: d.escalation_level_max,
+            sla_accepted_ms: d.sla_ms[0],
+            sla_assigned_ms: d.sla_ms[1],
+            sla_in_progress_ms: d.sla_ms[2],
+            sla_follow_up_ms: d.sla_ms[3],
         }
     }
 }
@@ -617,6 +679,12 @@ impl Config {
         for (key, desk) in desks {
             if let Err(error) = crate::cs::TenantDesk::new(desk.limits(), desk.policy()) {
                 return Err(ConfigError::Invalid { key, problem: error.to_string() });
+            }
+            if desk.context_bytes_max > switchboard_protocol::limits::MESSAGE_BYTES_MAX {
+                return Err(ConfigError::Invalid { key, problem: "context_bytes_max: at most 1024 (it travels in a message field)".into() });
+            }
+            if desk.tickets.payload_bytes_max > limits.payload_bytes_max as usize {
+                return Err(ConfigError::Invalid { key, problem: "tickets.payload_bytes_max: at most limits.payload_bytes_max".into() });
             }
         }
         if self.server.shards > 256 {

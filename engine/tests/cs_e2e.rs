@@ -404,7 +404,7 @@ fn a_queue_overflows_then_gives_the_offline_outcome() {
 
 #[test]
 fn a_leaving_customer_abandons_and_a_lost_agent_goes_offline_after_its_grace() {
-    let desk = DeskConfig { agent_grace_ms: 200, ..short_desk() };
+    let desk = DeskConfig { agent_grace_ms: 200, customer_grace_ms: 200, ..short_desk() };
     let engine = engine(3, desk, None);
     let addr = engine.data_addr();
     let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
