@@ -496,10 +496,11 @@ impl Shard {
         Ok(())
     }
 
-    /// Pushes a ticket's new state (correlation id 0) to the tenant's supervisors, the
-    /// ticket's customer's connections, and the connections of its assignee, of its previous
+    /// Pushes a ticket's new state (correlation id 0) to every supervisor connection of the
+    /// tenant (their feed is complete: a supervisor's own changes included), and to the
+    /// ticket's customer's connections and the connections of its assignee, of its previous
     /// assignee (`previous`, when it changed) and of the agent serving its conversation —
-    /// each connection once, the commander's (`except`) not at all (it has the reply).
+    /// each of those once, the commander's (`except`) not at all (it has the reply).
     fn ticket_push(&self, tenant: &Text, ticket: &Ticket, except: Option<(usize, ConnId)>, previous: &Text) {
         let frame = self.encode_heap(&Frame::TicketEvent(ticket_event(ticket)), 0);
         self.supervisor_broadcast(tenant, &frame);
