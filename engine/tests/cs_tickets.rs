@@ -377,3 +377,25 @@ fn a_waiting_customer_who_reconnects_within_its_grace_keeps_its_place() {
         engine.shutdown();
     }
 }
+
+#[test]
+fn an_overdue_ticket_escalates_by_itself_and_is_pushed() {
+    let tickets = TicketsConfig { sla_accepted_ms: 200, escalation_level_max: 1, ..TicketsConfig::default() };
+    let engine = engine(3, DeskConfig { tickets, ..desk() }, desk());
+    let addr = engine.data_addr();
+    let sup = connect(addr, "acme", "supervisor", "sup-1");
+    let gw = connect(addr, "acme", "gateway", "gw-1");
+    let created = gw.ticket(command("t-sla", TicketOp::Create, 0));
+    assert!(created.sla_deadline_us > 0);
+    // Nobody assigned it within 200 ms: the level rises, the clock stops at the top level.
+    let escalated = sup.wait_event("the escalation", |event| match event {
+        Event::TicketEvent(t) if t.ticket == "t-sla" && t.version == 2 => Some(t.clone()),
+        _ => None,
+    });
+    assert_eq!((escalated.escalation_level, escalated.state, escalated.sla_deadline_us, escalated.trace_id), (1, TicketState::Accepted, 0, 0));
+    assert!(escalated.sla_deadline_us == 0 && created.sla_deadline_us >= 200_000);
+    // The next change starts from the escalated version.
+    gw.refused(command("t-sla", TicketOp::Close, 1), ErrorCode::Conflict);
+    assert_eq!(gw.ticket(command("t-sla", TicketOp::Close, 2)).state, TicketState::Closed);
+    engine.shutdown();
+}

@@ -369,7 +369,7 @@ impl TicketBook {
         }
         let id = ticket.id.clone();
         if to == TicketState::Closed {
-            self.open -= 1;
+            self.open = self.open.saturating_sub(1);
             self.closed.push_back(id.clone());
             while self.closed.len() > self.settings.closed_tickets_max {
                 if let Some(oldest) = self.closed.pop_front() {

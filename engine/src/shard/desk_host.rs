@@ -227,6 +227,14 @@ impl Shard {
     pub(crate) async fn desk_call(&self, conn: ConnId, correlation: u32, op: DeskOp) {
         let Some(actor) = self.desk_actor(conn) else { return };
         self.note_agent(conn, &op);
+        if actor.role == Role::Agent && matches!(op, DeskOp::Ticket { .. }) {
+            // The desk now pushes this agent's tickets here: tell it when the connection closes.
+            if let Some(local) = self.desk.conns.borrow_mut().get_mut(&conn) {
+                if !local.agents.contains(&actor.subject) {
+                    local.agents.push(actor.subject.clone());
+                }
+            }
+        }
         let desk_shard = tenant_shard(&actor.tenant, self.shards);
         let request = DeskRequest { conn, correlation, check: 0, actor, op };
         if desk_shard == self.index {
