@@ -471,24 +471,26 @@ impl Shard {
             let hosted = self.hosted_desk(&mut desks, tenant)?;
             let who = Actor { tenant: tenant.as_str(), role: cs_role(actor.role), subject: actor.subject.as_str() };
             let previous_assignee = hosted.tickets.get(&command.ticket).map(|t| t.assignee.clone()).unwrap_or_default();
-            let HostedDesk { desk, tickets, agents, customers } = hosted;
-            let link = |session: &Text| desk.conversation(session).map(|view| ConversationLink { customer: view.customer, agent: view.agent });
-            let cmd = tickets::Command {
-                ticket: &command.ticket,
-                op: command.op,
-                expected_version: command.expected_version,
-                session: &command.session,
-                assignee: &command.assignee,
-                trace_id: command.trace_id,
-                payload: &command.payload,
+            let ticket = {
+                let HostedDesk { desk, tickets, .. } = &mut *hosted;
+                let link = |session: &Text| desk.conversation(session).map(|view| ConversationLink { customer: view.customer, agent: view.agent });
+                let cmd = tickets::Command {
+                    ticket: &command.ticket,
+                    op: command.op,
+                    expected_version: command.expected_version,
+                    session: &command.session,
+                    assignee: &command.assignee,
+                    trace_id: command.trace_id,
+                    payload: &command.payload,
+                };
+                tickets.handle(now, &who, &cmd, link, &mut effects)?.clone()
             };
-            let ticket = tickets.handle(now, &who, &cmd, link, &mut effects)?.clone();
             // The commander follows the ticket from now on (pushes reach it, and its
-            // connection's close is noticed).
+            // connection's close is noticed); a customer's counts as it being back.
             match actor.role {
-                Role::Customer => add_once(customers.entry(actor.subject.clone()).or_default(), (origin, conn)),
+                Role::Customer => Self::customer_conn(hosted, now, origin, conn, &actor.subject, &mut effects),
                 Role::Agent => {
-                    let conns = agents.entry(actor.subject.clone()).or_default();
+                    let conns = hosted.agents.entry(actor.subject.clone()).or_default();
                     if !conns.iter().any(|c| c.shard == origin && c.conn == conn) {
                         conns.push(AgentConn { shard: origin, conn, role: Role::Agent, reports: false });
                     }
