@@ -405,6 +405,9 @@ pub struct DeskPolicyConfig {
     pub initial_handle_ms: u64,
     /// The queues, the first being the default one.
     pub queues: Vec<QueueConfig>,
+    /// How long a customer whose last connection dropped keeps its waiting conversations (and
+    /// their places) before they are abandoned, in milliseconds (0: at once).
+    pub customer_grace_ms: u64,
 }
 
 impl Default for DeskPolicyConfig {
@@ -417,6 +420,7 @@ impl Default for DeskPolicyConfig {
             agent_grace_ms: policy.agent_grace_ms,
             initial_handle_ms: policy.initial_handle_ms,
             queues: vec![QueueConfig { name: "default".into(), skills: Vec::new(), wait_ms_max: 0, overflow: String::new() }],
+            customer_grace_ms: policy.customer_grace_ms,
         }
     }
 }
@@ -447,6 +451,7 @@ impl DeskPolicyConfig {
             offer_timeout_ms: self.offer_timeout_ms,
             agent_grace_ms: self.agent_grace_ms,
             initial_handle_ms: self.initial_handle_ms,
+            customer_grace_ms: self.customer_grace_ms,
             ..crate::cs::DeskPolicy::default()
         }
     }
@@ -477,6 +482,7 @@ impl DeskPolicyConfig {
                     },
                 })
                 .collect(),
+            customer_grace_ms: policy.customer_grace_ms,
         }
     }
 
@@ -507,6 +513,10 @@ pub struct DeskConfig {
     pub agents_max: usize,
     /// Conversations waiting in one queue.
     pub queue_length_max: usize,
+    /// Longest `OPEN_CONVERSATION` context kept and shown to the agent, in bytes (≤ 1024).
+    pub context_bytes_max: usize,
+    /// The tenant's tickets.
+    pub tickets: TicketsConfig,
 }
 
 impl Default for DeskConfig {
@@ -517,6 +527,8 @@ impl Default for DeskConfig {
             conversations_max: limits.conversations_max,
             agents_max: limits.agents_max,
             queue_length_max: limits.queue_length_max,
+            context_bytes_max: limits.context_bytes_max,
+            tickets: TicketsConfig::default(),
         }
     }
 }
@@ -533,7 +545,60 @@ impl DeskConfig {
             conversations_max: self.conversations_max,
             agents_max: self.agents_max,
             queue_length_max: self.queue_length_max,
+            context_bytes_max: self.context_bytes_max,
             ..crate::cs::DeskLimits::default()
+        }
+    }
+
+    /// The tickets' limits and SLA. A payload limit that would not fit a frame of
+    /// `frame_body_bytes_max` (with 2 KiB for the event's other fields) is lowered to fit.
+    pub fn ticket_settings(&self, frame_body_bytes_max: u32) -> crate::cs::TicketSettings {
+        let t = &self.tickets;
+        crate::cs::TicketSettings {
+            tickets_max: t.tickets_max,
+            closed_tickets_max: t.closed_tickets_max,
+            payload_bytes_max: t.payload_bytes_max.min((frame_body_bytes_max as usize).saturating_sub(2048)),
+            escalation_level_max: t.escalation_level_max,
+            sla_ms: [t.sla_accepted_ms, t.sla_assigned_ms, t.sla_in_progress_ms, t.sla_follow_up_ms],
+        }
+    }
+}
+
+/// A tenant's tickets (`[desk.tickets]`; see `cs::tickets`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketsConfig {
+    /// Tickets not closed; a Create past it gets ERROR(LimitExceeded).
+    pub tickets_max: usize,
+    /// Closed tickets kept (the oldest is forgotten first).
+    pub closed_tickets_max: usize,
+    /// Largest ticket payload, in bytes (lowered to `limits.frame_body_bytes_max` - 2048 when
+    /// larger: a TICKET_EVENT carries it with ids and fixed fields).
+    pub payload_bytes_max: usize,
+    /// Highest escalation level.
+    pub escalation_level_max: u8,
+    /// SLA of each state, in milliseconds (0: none): past it the escalation level rises.
+    pub sla_accepted_ms: u64,
+    /// See `sla_accepted_ms`.
+    pub sla_assigned_ms: u64,
+    /// See `sla_accepted_ms`.
+    pub sla_in_progress_ms: u64,
+    /// See `sla_accepted_ms`.
+    pub sla_follow_up_ms: u64,
+}
+
+impl Default for TicketsConfig {
+    fn default() -> Self {
+        let d = crate::cs::TicketSettings::default();
+        TicketsConfig {
+            tickets_max: d.tickets_max,
+            closed_tickets_max: d.closed_tickets_max,
+            payload_bytes_max: d.payload_bytes_max,
+            escalation_level_max: d.escalation_level_max,
+            sla_accepted_ms: d.sla_ms[0],
+            sla_assigned_ms: d.sla_ms[1],
+            sla_in_progress_ms: d.sla_ms[2],
+            sla_follow_up_ms: d.sla_ms[3],
         }
     }
 }
@@ -938,6 +1003,9 @@ impl Config {
         for (key, desk) in desks {
             if let Err(problem) = desk.policy.validate(&desk.limits()) {
                 return Err(ConfigError::Invalid { key, problem });
+            }
+            if desk.context_bytes_max > switchboard_protocol::limits::MESSAGE_BYTES_MAX {
+                return Err(ConfigError::Invalid { key, problem: "context_bytes_max: at most 1024 (it travels in a message field)".into() });
             }
         }
         self.control.validate()?;

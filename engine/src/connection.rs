@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
-use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, Welcome, PROTOCOL_VERSION};
+use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, TicketCommand, Welcome, PROTOCOL_VERSION};
 
 use crate::auth::{Identity, Role, OPEN_TENANT};
 use crate::mesh::{ConnId, DeskOp, PublishRequest, SessionKey};
@@ -314,8 +314,9 @@ impl Reader {
                     return;
                 }
                 let skills = open.skills.iter().map(own).collect();
-                // The context is not kept yet: the desk has no place for it (see README status).
-                let op = DeskOp::Open { session: own(&open.session), customer: own(&open.customer), priority: open.priority, skills };
+                // Copied: the desk keeps it, and the read buffer must not be pinned by it.
+                let context = bytes::Bytes::copy_from_slice(&open.context);
+                let op = DeskOp::Open { session: own(&open.session), customer: own(&open.customer), priority: open.priority, skills, context };
                 self.shard.desk_call(self.conn, correlation, op).await;
             }
             Frame::AgentStatus(status) => {
@@ -340,8 +341,18 @@ impl Reader {
                 let op = DeskOp::Close { session: own(&close.session), reason: own(&close.reason) };
                 self.shard.desk_call(self.conn, correlation, op).await;
             }
-            Frame::TicketCommand(_) => {
-                self.shard.fail_request(self.conn, correlation, ErrorCode::NotImplemented, "tickets are not implemented yet");
+            Frame::TicketCommand(command) => {
+                let command = TicketCommand {
+                    ticket: own(&command.ticket),
+                    op: command.op,
+                    expected_version: command.expected_version,
+                    session: own(&command.session),
+                    assignee: own(&command.assignee),
+                    trace_id: command.trace_id,
+                    // Copied: the ticket keeps it, and the read buffer must not be pinned by it.
+                    payload: bytes::Bytes::copy_from_slice(&command.payload),
+                };
+                self.shard.desk_call(self.conn, correlation, DeskOp::Ticket { command }).await;
             }
             // `dispatch` sends only the frames above here.
             _ => {}

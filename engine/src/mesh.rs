@@ -103,6 +103,8 @@ pub enum DeskOp {
         priority: u8,
         /// Skills asked for.
         skills: Vec<Text>,
+        /// Context for the agent (a copy: it outlives the read buffer).
+        context: Bytes,
     },
     /// `AGENT_STATUS` from a client.
     AgentStatus {
@@ -147,6 +149,11 @@ pub enum DeskOp {
     Watch {
         /// The conversation.
         session: Text,
+    },
+    /// `TICKET_COMMAND` (ids and payload owned). Answered with `TICKET_EVENT`, not OK.
+    Ticket {
+        /// The command.
+        command: switchboard_protocol::TicketCommand,
     },
     /// The connection closed; it spoke for these agents (`AGENT_STATUS` or watching as one).
     ConnLost {

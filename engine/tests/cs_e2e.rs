@@ -453,6 +453,7 @@ fn a_queue_overflows_then_gives_the_offline_outcome() {
 fn a_leaving_customer_abandons_and_a_lost_agent_goes_offline_after_its_grace() {
     let mut desk = short_desk();
     desk.policy.agent_grace_ms = 200;
+    desk.policy.customer_grace_ms = 200;
     let engine = engine(3, desk, None);
     let addr = engine.data_addr();
     let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");

@@ -52,6 +52,18 @@ pub enum TimerKind {
         /// The agent.
         agent: Text,
     },
+    /// `customer`'s last connection has been gone for the grace period: its waiting
+    /// conversations are abandoned.
+    CustomerGrace {
+        /// The customer.
+        customer: Text,
+    },
+    /// A ticket's SLA stage is due (handled by [`super::TicketBook::handle_timer`], not the
+    /// desk).
+    TicketSla {
+        /// The ticket.
+        ticket: Text,
+    },
 }
 
 /// A timer's payload, handed back to [`TenantDesk::handle_timer`] when it fires.
@@ -161,6 +173,9 @@ pub struct DeskLimits {
     pub position_updates_depth_max: usize,
     /// Variants in an A/B experiment.
     pub variants_max: usize,
+    /// Longest `OPEN_CONVERSATION` context kept, in bytes (at most the protocol's
+    /// `MESSAGE_BYTES_MAX`: it is shown to the agent in the offer's `reason`).
+    pub context_bytes_max: usize,
 }
 
 impl Default for DeskLimits {
@@ -174,6 +189,7 @@ impl Default for DeskLimits {
             affinity_entries_max: 100_000,
             position_updates_depth_max: 100,
             variants_max: 8,
+            context_bytes_max: MESSAGE_BYTES_MAX,
         }
     }
 }
@@ -194,6 +210,10 @@ pub struct DeskPolicy {
     pub agent_grace_ms: u64,
     /// The handle time assumed before any is measured, in milliseconds.
     pub initial_handle_ms: u64,
+    /// How long a customer whose last connection dropped keeps its waiting (queued or offered)
+    /// conversations, and their places, before they are abandoned, in milliseconds (0: at
+    /// once).
+    pub customer_grace_ms: u64,
     /// The conversation state machine.
     pub transitions: Table,
 }
@@ -207,6 +227,7 @@ impl Default for DeskPolicy {
             offer_timeout_ms: 30_000,
             agent_grace_ms: 60_000,
             initial_handle_ms: 300_000,
+            customer_grace_ms: 30_000,
             transitions: Table::standard(),
         }
     }
@@ -272,6 +293,8 @@ pub struct ConversationView<'a> {
     pub declined: &'a [AgentKey],
     /// When its current stay in its queue began (the max-wait clock), Unix milliseconds.
     pub queued_since_ms: u64,
+    /// The context it was opened with (empty when none).
+    pub context: &'a Text,
 }
 
 impl ConversationView<'_> {
@@ -302,6 +325,8 @@ struct Conversation {
     wait_timer: Option<CsTimerId>,
     /// The position it was last told (0: not told / not waiting).
     told_position: u32,
+    /// `OPEN_CONVERSATION`'s context, shown to each agent it is offered to.
+    context: Text,
 }
 
 /// Per-event details the conversation itself does not hold.
@@ -332,6 +357,8 @@ const REASON_CUSTOMER_LEFT: Text = Text::from_static("customer left");
 const REASON_MAX_WAIT: Text = Text::from_static("max wait");
 const REASON_OVERFLOW_FULL: Text = Text::from_static("max wait; overflow queue full");
 const REASON_OUT_OF_HOURS: Text = Text::from_static("out of hours");
+const REASON_CUSTOMER_DISCONNECTED: Text = Text::from_static("customer disconnected");
+const REASON_CUSTOMER_RECONNECTED: Text = Text::from_static("customer reconnected");
 
 /// One tenant's desk. See the module comment.
 #[derive(Debug)]
@@ -365,6 +392,9 @@ pub struct TenantDesk {
     serving_dirty: bool,
     /// Agents whose presence, capacity or load changed during this call (`AGENT_STATUS` due).
     status_changed: BTreeSet<AgentKey>,
+    /// Customers in their grace period (last connection gone), with the timer that ends it.
+    /// At most one per customer with a waiting conversation, so bounded by `conversations_max`.
+    customer_grace: HashMap<Text, CsTimerId>,
 }
 
 fn check_id(what: &'static str, id: &Text) -> Result<(), DeskError> {
@@ -488,6 +518,7 @@ impl TenantDesk {
             candidates: Vec::new(),
             serving_dirty: false,
             status_changed: BTreeSet::new(),
+            customer_grace: HashMap::new(),
             limits,
             policy,
         })
@@ -549,6 +580,7 @@ impl TenantDesk {
             group: &conv.group,
             declined: &conv.declined,
             queued_since_ms: conv.stint_started_ms,
+            context: &conv.context,
         }
     }
 
@@ -578,9 +610,33 @@ impl TenantDesk {
         skills: &[Text],
         effects: &mut Vec<Effect>,
     ) -> Result<(), DeskError> {
+        self.open_conversation_with_context(now_ms, session, customer, priority, skills, &[], effects)
+    }
+
+    /// [`TenantDesk::open_conversation`] with `OPEN_CONVERSATION`'s context, kept on the
+    /// conversation and shown to every agent it is offered to. It must be UTF-8 (it travels
+    /// in a `message` field) and at most `context_bytes_max` bytes.
+    #[allow(clippy::too_many_arguments)] // The frame's fields, plus now and the effects.
+    pub fn open_conversation_with_context(
+        &mut self,
+        now_ms: u64,
+        session: &Text,
+        customer: &Text,
+        priority: u8,
+        skills: &[Text],
+        context: &[u8],
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), DeskError> {
         let now = self.clock(now_ms);
         check_id("session", session)?;
         check_id("customer", customer)?;
+        let context_bytes_max = self.limits.context_bytes_max.min(MESSAGE_BYTES_MAX);
+        if context.len() > context_bytes_max {
+            return Err(DeskError::LimitExceeded { limit: "context_bytes_max", max: context_bytes_max });
+        }
+        let Ok(context) = std::str::from_utf8(context) else {
+            return Err(DeskError::bad_request("context must be UTF-8 text (it is shown to the agent in the offer)"));
+        };
         let skills = normalize_skills(skills)?;
         if self.conversations.contains_key(session) {
             return Err(DeskError::Conflict { reason: "conversation already open", id: session.clone() });
@@ -617,6 +673,7 @@ impl TenantDesk {
             offer_timer: None,
             wait_timer: None,
             told_position: 0,
+            context: Text::from(context),
         };
         self.counts(variant).opened += 1;
         if open {
@@ -872,8 +929,91 @@ impl TenantDesk {
                 self.agents.set_grace_timer(key, None);
                 self.go_offline(now, key, effects);
             }
+            TimerKind::CustomerGrace { customer } => {
+                if self.customer_grace.get(customer) != Some(&timer.id) {
+                    self.stats.stale_timers += 1;
+                    return;
+                }
+                self.customer_grace.remove(customer);
+                self.abandon_waiting(now, customer, effects);
+            }
+            // Not the desk's (the engine hands it to the ticket book).
+            TimerKind::TicketSla { .. } => return,
         }
         self.settle(now, effects);
+    }
+
+    /// The customer's last connection dropped: its waiting (queued or offered) conversations
+    /// keep their places for the grace period, then are abandoned; queued ones are told their
+    /// position again with the reason "customer disconnected". Active conversations stay (the
+    /// customer may come back and resume them). Nothing happens when it has nothing waiting.
+    pub fn customer_disconnected(&mut self, now_ms: u64, customer: &Text, effects: &mut Vec<Effect>) {
+        let now = self.clock(now_ms);
+        let waiting = self.conversations.values().any(|c| &c.customer == customer && matches!(c.state, State::Queued | State::Offered));
+        if !waiting || self.customer_grace.contains_key(customer) {
+            return;
+        }
+        if self.policy.customer_grace_ms == 0 {
+            self.abandon_waiting(now, customer, effects);
+            return;
+        }
+        let at_ms = now.saturating_add(self.policy.customer_grace_ms);
+        let id = self.start_timer(at_ms, TimerKind::CustomerGrace { customer: customer.clone() }, effects);
+        self.customer_grace.insert(customer.clone(), id);
+        self.retell_queued(customer, &REASON_CUSTOMER_DISCONNECTED, effects);
+    }
+
+    /// The customer is back (a connection of its own opened, watched or published) within its
+    /// grace period: its conversations keep their places, queued ones are told so (reason
+    /// "customer reconnected"). Nothing happens outside a grace period.
+    pub fn customer_reconnected(&mut self, now_ms: u64, customer: &Text, effects: &mut Vec<Effect>) {
+        self.clock(now_ms);
+        let Some(id) = self.customer_grace.remove(customer) else { return };
+        effects.push(Effect::CancelTimer { id });
+        self.retell_queued(customer, &REASON_CUSTOMER_RECONNECTED, effects);
+    }
+
+    /// True while `customer` is in its grace period.
+    pub fn customer_in_grace(&self, customer: &Text) -> bool {
+        self.customer_grace.contains_key(customer)
+    }
+
+    fn abandon_waiting(&mut self, now: u64, customer: &Text, effects: &mut Vec<Effect>) {
+        let mut waiting: Vec<(QueueKey, Text)> = self
+            .conversations
+            .values()
+            .filter(|c| &c.customer == customer && matches!(c.state, State::Queued | State::Offered))
+            .map(|c| (c.key, c.session.clone()))
+            .collect();
+        // In queue order, so that the events are deterministic.
+        waiting.sort();
+        for (_, session) in waiting {
+            // Refused only by a custom table without the rule: then it stays.
+            let _ = self.finish_conversation(now, &session, Event::CustomerLeft, REASON_CUSTOMER_LEFT, effects);
+        }
+    }
+
+    /// Tells the customer's queued conversations their position again, with `reason`.
+    fn retell_queued(&mut self, customer: &Text, reason: &Text, effects: &mut Vec<Effect>) {
+        let mut queued: Vec<(QueueKey, Text)> =
+            self.conversations.values().filter(|c| &c.customer == customer && c.state == State::Queued).map(|c| (c.key, c.session.clone())).collect();
+        queued.sort();
+        for (key, session) in queued {
+            let Some(conv) = self.conversations.get_mut(&session) else { continue };
+            let queue = &self.queues[conv.queue];
+            let position = queue.position(key).unwrap_or(0);
+            conv.told_position = position;
+            effects.push(Effect::Event {
+                session,
+                kind: Kind::Queued,
+                agent: Text::new(),
+                queue: queue.name().clone(),
+                position,
+                estimated_wait_ms: queue.estimated_wait_ms(position),
+                group: conv.group.clone(),
+                reason: reason.clone(),
+            });
+        }
     }
 
     /// Replaces the policy (strategy, weights, A/B split, queues, timeouts, state machine).
@@ -1154,12 +1294,9 @@ impl TenantDesk {
         conv.offer_timer = Some(self.start_timer(at_ms, TimerKind::OfferTimeout { session: conv.session.clone() }, effects));
         self.emit(conv, transition, ctx, effects);
         let agent_id = self.agents.get(agent).map(|a| a.id().clone()).unwrap_or_default();
-        effects.push(Effect::NotifyAgent {
-            agent: agent_id,
-            session: conv.session.clone(),
-            kind: Kind::Offered,
-            reason: ctx.reason.clone(),
-        });
+        // The agent sees the transfer note of a transfer that has one, else the context.
+        let reason = if ctx.reason.is_empty() { conv.context.clone() } else { ctx.reason.clone() };
+        effects.push(Effect::NotifyAgent { agent: agent_id, session: conv.session.clone(), kind: Kind::Offered, reason });
         true
     }
 
@@ -1577,6 +1714,10 @@ mod tests {
         TenantDesk::new(DeskLimits::default(), policy).unwrap()
     }
 
+    fn desk_with_limits(limits: DeskLimits) -> TenantDesk {
+        TenantDesk::new(limits, DeskPolicy::default()).unwrap()
+    }
+
     fn desk() -> TenantDesk {
         desk_with(DeskPolicy::default())
     }
@@ -1823,6 +1964,64 @@ mod tests {
         // The active conversation keeps its place ahead of the offered one.
         assert_eq!(desk.queues()[0].head().unwrap().1, "s1");
         desk.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_waiting_customer_keeps_its_place_through_the_grace_period() {
+        let mut desk = desk();
+        open(&mut desk, T0, "s1", 0);
+        open(&mut desk, T0, "s2", 0);
+        let cust = t("cust-s1");
+        // The customer's last connection drops: its position is told again, a timer runs.
+        let mut fx = Vec::new();
+        desk.customer_disconnected(T0 + 1, &cust, &mut fx);
+        let (at, grace) = timer(&fx, |k| matches!(k, TimerKind::CustomerGrace { .. }));
+        assert_eq!(at, T0 + 1 + 30_000);
+        assert!(desk.customer_in_grace(&cust));
+        assert!(matches!(&fx[1], Effect::Event { kind: Kind::Queued, position: 1, reason, .. } if reason == "customer disconnected"), "{fx:?}");
+        // Back within it: same place, the late firing is stale.
+        let mut fx = Vec::new();
+        desk.customer_reconnected(T0 + 2, &cust, &mut fx);
+        assert!(fx.contains(&Effect::CancelTimer { id: grace.id }));
+        assert!(matches!(&fx[1], Effect::Event { kind: Kind::Queued, position: 1, reason, .. } if reason == "customer reconnected"), "{fx:?}");
+        let mut fx = Vec::new();
+        desk.handle_timer(at, &grace, &mut fx);
+        assert!(fx.is_empty());
+        assert_eq!(desk.queues()[0].head().unwrap().1, "s1");
+        // Gone for good: abandoned when the period ends; s2 moves up.
+        let mut fx = Vec::new();
+        desk.customer_disconnected(T0 + 3, &cust, &mut fx);
+        let (at, grace) = timer(&fx, |k| matches!(k, TimerKind::CustomerGrace { .. }));
+        let mut fx = Vec::new();
+        desk.handle_timer(at, &grace, &mut fx);
+        assert_eq!(kinds(&fx), vec![Kind::Abandoned, Kind::Queued]);
+        assert!(desk.conversation(&t("s1")).is_none());
+        desk.check_invariants().unwrap();
+        // Nothing waiting: nothing to keep. No grace at all: abandoned at once.
+        let mut fx = Vec::new();
+        desk.customer_disconnected(T0 + 4, &cust, &mut fx);
+        assert!(fx.is_empty());
+        let mut desk = desk_with(DeskPolicy { customer_grace_ms: 0, ..DeskPolicy::default() });
+        open(&mut desk, T0, "s3", 0);
+        let mut fx = Vec::new();
+        desk.customer_disconnected(T0 + 1, &t("cust-s3"), &mut fx);
+        assert_eq!(kinds(&fx), vec![Kind::Abandoned]);
+    }
+
+    #[test]
+    fn the_context_is_kept_bounded_and_shown_in_the_offer() {
+        let mut desk = desk_with_limits(DeskLimits { context_bytes_max: 8, ..DeskLimits::default() });
+        let mut fx = Vec::new();
+        let error = desk.open_conversation_with_context(T0, &t("s1"), &t("c"), 0, &[], b"123456789", &mut fx).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::LimitExceeded);
+        let error = desk.open_conversation_with_context(T0, &t("s1"), &t("c"), 0, &[], b"\xff", &mut fx).unwrap_err();
+        assert_eq!(error.code(), ErrorCode::BadRequest);
+        assert!(fx.is_empty());
+        desk.open_conversation_with_context(T0, &t("s1"), &t("c"), 0, &[], b"page=/buy", &mut fx).unwrap_err();
+        desk.open_conversation_with_context(T0, &t("s1"), &t("c"), 0, &[], b"order=42", &mut fx).unwrap();
+        assert_eq!(desk.conversation(&t("s1")).unwrap().context, "order=42");
+        let fx = online(&mut desk, T0 + 1, "ann", 1, &[]);
+        assert!(fx.contains(&Effect::NotifyAgent { agent: t("ann"), session: t("s1"), kind: Kind::Offered, reason: t("order=42") }), "{fx:?}");
     }
 
     #[test]

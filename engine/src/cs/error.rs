@@ -45,6 +45,11 @@ pub enum DeskError {
         /// The agent.
         id: Text,
     },
+    /// The request is not valid in the current state (a ticket transition the table refuses).
+    InvalidState {
+        /// Which state and what was refused.
+        reason: String,
+    },
     /// The conversation already exists.
     Conflict {
         /// Why.
@@ -65,6 +70,7 @@ impl DeskError {
             DeskError::BadRequest { .. } => ErrorCode::BadRequest,
             DeskError::Unavailable { .. } => ErrorCode::Unavailable,
             DeskError::Conflict { .. } => ErrorCode::Conflict,
+            DeskError::InvalidState { .. } => ErrorCode::InvalidState,
         }
     }
 
@@ -93,6 +99,7 @@ impl fmt::Display for DeskError {
             DeskError::BadRequest { reason } => write!(f, "bad request: {reason}"),
             DeskError::Unavailable { reason, id } => write!(f, "agent `{id}` unavailable: {reason}"),
             DeskError::Conflict { reason, id } => write!(f, "`{id}`: {reason}"),
+            DeskError::InvalidState { reason } => f.write_str(reason),
         }
     }
 }

@@ -14,6 +14,8 @@
 //! - [`agents`]: presence, skills, capacity, load and offer reservations; the available set.
 //! - [`routing`]: the strategy trait, the five strategies, A/B variant assignment.
 //! - [`access`]: pure role and tenant checks (Forbidden), for the engine to call first.
+//! - [`tickets`]: [`TicketBook`], a tenant's tickets: their state machine, role rules, limits
+//!   and SLA escalation; hosted next to the desk.
 //! - [`error`]: [`DeskError`], each refusal with its wire [`switchboard_protocol::ErrorCode`].
 
 pub mod access;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod fsm;
 pub mod queue;
 pub mod routing;
+pub mod tickets;
 
 pub use access::{check_agent_status, check_conversation, check_open, check_tenant, Actor, ConversationAction, Role};
 pub use agents::{Agent, AgentKey, AgentTable};
@@ -33,3 +36,4 @@ pub use error::DeskError;
 pub use fsm::{Event, State, Table};
 pub use queue::{Overflow, Queue, QueueKey, QueuePolicy};
 pub use routing::{BusinessHours, OpenRange, RoutingStrategy, StrategyConfig, Variant};
+pub use tickets::{ConversationLink, Ticket, TicketBook, TicketSettings};

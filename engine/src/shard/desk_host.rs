@@ -29,12 +29,13 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use switchboard_protocol::{AgentStatus, ConversationEvent, ErrorCode, ErrorFrame, Frame, Success, Text};
+use switchboard_protocol::{AgentStatus, ConversationEvent, ErrorCode, ErrorFrame, Frame, Success, Text, TicketCommand, TicketEvent};
 
 use super::Shard;
 use crate::auth::{Identity, Role};
 use crate::cs::access::{check_agent_status, check_conversation, check_open, Actor, ConversationAction};
-use crate::cs::{CsTimerId, DeskError, Effect, State, TenantDesk, TimerPayload};
+use crate::cs::tickets::{self, ConversationLink, Ticket};
+use crate::cs::{CsTimerId, DeskError, Effect, TenantDesk, TicketBook, TimerKind, TimerPayload};
 use crate::mesh::{tenant_shard, ConnId, DeskActor, DeskOp, DeskRequest, Event, Request, SessionKey};
 use crate::rate::{Limited, RateBuckets};
 use crate::timer::{TimerId, TimerWheel};
@@ -77,13 +78,14 @@ struct AgentConn {
     reports: bool,
 }
 
-/// One tenant's desk and the connections it talks to.
+/// One tenant's desk, its tickets, and the connections they talk to.
 struct HostedDesk {
     desk: TenantDesk,
+    tickets: TicketBook,
     /// Agent → connections that speak for it (offers go to them).
     agents: HashMap<Text, Vec<AgentConn>>,
-    /// Customer → its open connections (customer role only): the last one closing abandons its
-    /// waiting conversations.
+    /// Customer → its open connections (customer role only): the last one closing starts the
+    /// customer's grace period, after which its waiting conversations are abandoned.
     customers: HashMap<Text, Vec<(usize, ConnId)>>,
 }
 
@@ -235,6 +237,14 @@ impl Shard {
     pub(crate) async fn desk_call(&self, conn: ConnId, correlation: u32, op: DeskOp) {
         let Some(actor) = self.desk_actor(conn) else { return };
         self.note_agent(conn, &op);
+        if actor.role == Role::Agent && matches!(op, DeskOp::Ticket { .. }) {
+            // The desk now pushes this agent's tickets here: tell it when the connection closes.
+            if let Some(local) = self.desk.conns.borrow_mut().get_mut(&conn) {
+                if !local.agents.contains(&actor.subject) {
+                    local.agents.push(actor.subject.clone());
+                }
+            }
+        }
         let desk_shard = tenant_shard(&actor.tenant, self.shards);
         let request = DeskRequest { conn, correlation, check: 0, actor, op };
         if desk_shard == self.index {
@@ -300,6 +310,13 @@ impl Shard {
     /// Handles a desk request (from this shard or a peer) and answers it.
     pub(super) fn desk_request(&self, origin: usize, request: DeskRequest) {
         let DeskRequest { conn, correlation, check, actor, op } = request;
+        if let DeskOp::Ticket { command } = &op {
+            if let Err(error) = self.ticket_request(origin, conn, correlation, &actor, command) {
+                tracing::debug!(shard = self.index, tenant = %actor.tenant, role = ?actor.role, %error, "ticket command refused");
+                self.reply(origin, Event::DeskAnswer { conn, correlation, check, refusal: Some(refusal(&error)) });
+            }
+            return;
+        }
         let result = self.desk_handle(origin, conn, &actor, &op);
         if matches!(op, DeskOp::ConnLost { .. }) {
             return;
@@ -329,7 +346,8 @@ impl Shard {
             // Validated with the configuration at start; a failure here is a bug, answered
             // rather than panicked on.
             let desk = TenantDesk::new(config.limits(), config.policy())?;
-            desks.insert(Text::from(tenant.as_str()), HostedDesk { desk, agents: HashMap::new(), customers: HashMap::new() });
+            let tickets = TicketBook::new(config.ticket_settings(self.config.limits.frame_body_bytes_max));
+            desks.insert(Text::from(tenant.as_str()), HostedDesk { desk, tickets, agents: HashMap::new(), customers: HashMap::new() });
             if self.desk.timers.borrow().is_none() {
                 *self.desk.timers.borrow_mut() = Some(TimerWheel::new(self.config.limits.desk_timers_per_shard_max, now_ms()));
                 if let Some(shard) = self.me.upgrade() {
@@ -355,11 +373,11 @@ impl Shard {
                 check_conversation(&who, action, &view.facts(tenant.as_str()))
             };
             match op {
-                DeskOp::Open { session, customer, priority, skills } => {
+                DeskOp::Open { session, customer, priority, skills, context } => {
                     check_open(&who, tenant, customer)?;
-                    hosted.desk.open_conversation(now, session, customer, *priority, skills, &mut effects)?;
+                    hosted.desk.open_conversation_with_context(now, session, customer, *priority, skills, context, &mut effects)?;
                     if actor.role == Role::Customer {
-                        add_once(hosted.customers.entry(customer.clone()).or_default(), (origin, conn));
+                        Self::customer_conn(hosted, now, origin, conn, customer, &mut effects);
                     }
                     Ok(())
                 }
@@ -396,7 +414,7 @@ impl Shard {
                     }
                     facts_check(hosted, session, ConversationAction::Watch)?;
                     match actor.role {
-                        Role::Customer => add_once(hosted.customers.entry(actor.subject.clone()).or_default(), (origin, conn)),
+                        Role::Customer => Self::customer_conn(hosted, now, origin, conn, &actor.subject, &mut effects),
                         Role::Agent => {
                             let conns = hosted.agents.entry(actor.subject.clone()).or_default();
                             if !conns.iter().any(|c| c.shard == origin && c.conn == conn) {
@@ -411,6 +429,8 @@ impl Shard {
                     Self::conn_lost(hosted, now, origin, conn, actor, agents, &mut effects);
                     Ok(())
                 }
+                // Answered by `ticket_request` (with TICKET_EVENT, not OK); never sent here.
+                DeskOp::Ticket { .. } => Err(DeskError::bad_request("ticket command outside the ticket path")),
             }
         };
         self.desk_carry_out(tenant, effects);
@@ -441,16 +461,101 @@ impl Shard {
             return;
         }
         hosted.customers.remove(&actor.subject);
-        // The customer's last connection is gone: conversations still waiting for an agent are
-        // abandoned (an active one stays: the customer may come back and resume it).
-        let waiting: Vec<Text> = hosted
-            .desk
-            .conversations()
-            .filter(|view| view.customer == &actor.subject && matches!(view.state, State::Queued | State::Offered))
-            .map(|view| view.session.clone())
-            .collect();
-        for session in waiting {
-            let _ = hosted.desk.customer_left(now, &session, effects);
+        // The customer's last connection is gone: conversations still waiting for an agent keep
+        // their places for the grace period, then are abandoned (an active one stays: the
+        // customer may come back and resume it).
+        hosted.desk.customer_disconnected(now, &actor.subject, effects);
+    }
+
+    /// A connection of `customer` (customer role) showed up: remember it; if it is the
+    /// customer's first, the customer is back within its grace period (if one runs).
+    fn customer_conn(hosted: &mut HostedDesk, now: u64, origin: usize, conn: ConnId, customer: &Text, effects: &mut Vec<Effect>) {
+        let conns = hosted.customers.entry(customer.clone()).or_default();
+        let first = conns.is_empty();
+        add_once(conns, (origin, conn));
+        if first {
+            hosted.desk.customer_reconnected(now, customer, effects);
+        }
+    }
+
+    // ---- tickets ----
+
+    /// A `TICKET_COMMAND` on the tenant's shard: runs it on the tenant's ticket book, answers
+    /// the commanding connection with `TICKET_EVENT` (same correlation id), and pushes the
+    /// event to the others who follow the ticket (see [`Shard::ticket_push`]). A refusal is
+    /// returned for the caller to answer with ERROR; it changed nothing.
+    fn ticket_request(&self, origin: usize, conn: ConnId, correlation: u32, actor: &DeskActor, command: &TicketCommand) -> Result<(), DeskError> {
+        let now = now_ms();
+        let tenant = &actor.tenant;
+        let mut effects = Vec::new();
+        let (ticket, previous_assignee) = {
+            let mut desks = self.desk.desks.borrow_mut();
+            let hosted = self.hosted_desk(&mut desks, tenant)?;
+            let who = Actor { tenant: tenant.as_str(), role: cs_role(actor.role), subject: actor.subject.as_str() };
+            let previous_assignee = hosted.tickets.get(&command.ticket).map(|t| t.assignee.clone()).unwrap_or_default();
+            let ticket = {
+                let HostedDesk { desk, tickets, .. } = &mut *hosted;
+                let link = |session: &Text| desk.conversation(session).map(|view| ConversationLink { customer: view.customer, agent: view.agent });
+                let cmd = tickets::Command {
+                    ticket: &command.ticket,
+                    op: command.op,
+                    expected_version: command.expected_version,
+                    session: &command.session,
+                    assignee: &command.assignee,
+                    trace_id: command.trace_id,
+                    payload: &command.payload,
+                };
+                tickets.handle(now, &who, &cmd, link, &mut effects)?.clone()
+            };
+            // The commander follows the ticket from now on (pushes reach it, and its
+            // connection's close is noticed); a customer's counts as it being back.
+            match actor.role {
+                Role::Customer => Self::customer_conn(hosted, now, origin, conn, &actor.subject, &mut effects),
+                Role::Agent => {
+                    let conns = hosted.agents.entry(actor.subject.clone()).or_default();
+                    if !conns.iter().any(|c| c.shard == origin && c.conn == conn) {
+                        conns.push(AgentConn { shard: origin, conn, role: Role::Agent, reports: false });
+                    }
+                }
+                Role::Gateway | Role::Supervisor => {}
+            }
+            (ticket, previous_assignee)
+        };
+        self.desk_carry_out(tenant, effects);
+        let reply = Frame::TicketEvent(ticket_event(&ticket));
+        self.to_conn(origin, conn, self.encode_heap(&reply, correlation));
+        self.ticket_push(tenant, &ticket, Some((origin, conn)), &previous_assignee);
+        Ok(())
+    }
+
+    /// Pushes a ticket's new state (correlation id 0) to every supervisor connection of the
+    /// tenant (their feed is complete: a supervisor's own changes included), and to the
+    /// ticket's customer's connections and the connections of its assignee, of its previous
+    /// assignee (`previous`, when it changed) and of the agent serving its conversation —
+    /// each of those once, the commander's (`except`) not at all (it has the reply).
+    fn ticket_push(&self, tenant: &Text, ticket: &Ticket, except: Option<(usize, ConnId)>, previous: &Text) {
+        let frame = self.encode_heap(&Frame::TicketEvent(ticket_event(ticket)), 0);
+        self.supervisor_broadcast(tenant, &frame);
+        let mut targets: Vec<(usize, ConnId)> = Vec::new();
+        {
+            let desks = self.desk.desks.borrow();
+            let Some(hosted) = desks.get(tenant) else { return };
+            if !ticket.customer.is_empty() {
+                for &target in hosted.customers.get(&ticket.customer).into_iter().flatten() {
+                    add_once(&mut targets, target);
+                }
+            }
+            let serving = hosted.desk.conversation(&ticket.session).and_then(|view| view.agent.cloned());
+            for agent in [Some(&ticket.assignee), Some(previous), serving.as_ref()].into_iter().flatten().filter(|a| !a.is_empty()) {
+                for c in hosted.agents.get(agent).into_iter().flatten().filter(|c| c.role != Role::Supervisor) {
+                    add_once(&mut targets, (c.shard, c.conn));
+                }
+            }
+        }
+        for (shard, conn) in targets {
+            if Some((shard, conn)) != except {
+                self.to_conn(shard, conn, frame.clone());
+            }
         }
     }
 
@@ -560,10 +665,18 @@ impl Shard {
             let (tenant, payload) = timer.payload;
             self.desk.timer_ids.borrow_mut().remove(&(tenant.clone(), payload.id));
             let mut effects = Vec::new();
+            let mut escalated = None;
             if let Some(hosted) = self.desk.desks.borrow_mut().get_mut(&tenant) {
-                hosted.desk.handle_timer(now, &payload, &mut effects);
+                if let TimerKind::TicketSla { .. } = payload.kind {
+                    escalated = hosted.tickets.handle_timer(now, &payload, &mut effects).cloned();
+                } else {
+                    hosted.desk.handle_timer(now, &payload, &mut effects);
+                }
             }
             self.desk_carry_out(&tenant, effects);
+            if let Some(ticket) = escalated {
+                self.ticket_push(&tenant, &ticket, None, &Text::new());
+            }
         }
     }
 
@@ -675,6 +788,20 @@ impl Shard {
         }
         self.desk_carry_out(tenant, effects);
         Ok(())
+    }
+}
+
+fn ticket_event(ticket: &Ticket) -> TicketEvent {
+    TicketEvent {
+        ticket: ticket.id.clone(),
+        version: ticket.version,
+        state: ticket.state,
+        escalation_level: ticket.escalation_level,
+        session: ticket.session.clone(),
+        assignee: ticket.assignee.clone(),
+        sla_deadline_us: ticket.deadline_ms.saturating_mul(1000),
+        trace_id: ticket.trace_id,
+        payload: ticket.payload.clone(),
     }
 }
 

@@ -120,6 +120,8 @@ impl Raw {
                 Ok(0) => return None,
                 Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
                 Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                // A signal landed in the test process (the engine's threads share it): retry.
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(error) => panic!("read failed (timeout is {EXPECT_TIMEOUT:?}): {error}"),
             }
         }
