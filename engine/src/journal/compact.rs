@@ -88,11 +88,18 @@ impl<S: Storage> Journal<S> {
     /// copies' fdatasync), before a retention pass; calls do not overlap (a second one returns
     /// at once with `already_running`).
     ///
-    /// Which segments: sealed ones (never the active one), oldest first, whose retained
-    /// record bytes ([`JournalConfig::compact_live_percent_max`], default 25 %) are a small
-    /// part of their size: freeing a segment then costs reading its pinned frames and
-    /// rewriting at most a quarter of it. Segments with nothing retained are left to
-    /// retention; segments where a retained record failed its check are skipped.
+    /// Which segments: sealed ones, oldest first, that are
+    /// - sparse: the record bytes still retained in them are at most
+    ///   [`JournalConfig::compact_live_percent_max`] (default 25 %) of their size, so freeing
+    ///   one costs reading its pinned frames and rewriting at most a quarter of it;
+    /// - old: at least [`JournalConfig::compact_newer_segments_min`] (default 4) segments,
+    ///   the active one included, are newer. A fresh segment's retained records are mostly
+    ///   the tails of busy conversations, which their rings evict soon anyway, and the
+    ///   compactor's own copies are not chased from segment to segment: a quiet tail is copied
+    ///   again only after the journal moved on that many segments.
+    ///
+    /// Segments with nothing retained are left to retention; segments where a retained record
+    /// failed its check are skipped.
     ///
     /// What: every retained record pointing into a chosen segment, frame by frame (each frame
     /// read once and checked whole), re-appended unchanged but for its position. A frame is
@@ -110,6 +117,7 @@ impl<S: Storage> Journal<S> {
     /// What was copied and made durable before an error stays moved.
     ///
     /// [`JournalConfig::compact_live_percent_max`]: super::JournalConfig::compact_live_percent_max
+    /// [`JournalConfig::compact_newer_segments_min`]: super::JournalConfig::compact_newer_segments_min
     pub async fn compact(&self, budget_bytes: u64) -> Result<CompactOutcome, JournalError> {
         let mut out = CompactOutcome::default();
         let candidates = {
@@ -216,8 +224,11 @@ impl<S: Storage> Journal<S> {
     /// The segments worth compacting, oldest first (the rule in [`Journal::compact`]).
     fn compaction_candidates(&self, st: &State<S::File>) -> Vec<(u64, Rc<S::File>)> {
         let percent = u64::from(self.inner.config.compact_live_percent_max);
+        let newer_min = self.inner.config.compact_newer_segments_min as usize;
+        let old_enough = st.segments.len().saturating_sub(newer_min);
         st.segments
             .iter()
+            .take(old_enough)
             .filter(|&(&base, seg)| {
                 let live = st.index.pinned_bytes(base);
                 seg.sealed

@@ -105,6 +105,10 @@ pub struct JournalConfig {
     /// The compactor picks a sealed segment only when the record bytes still retained in it
     /// are at most this percentage of its size (0 = never compact). See [`Journal::compact`].
     pub compact_live_percent_max: u32,
+    /// The compactor picks a segment only once at least this many segments (the active one
+    /// included) are newer than it: the newest records are left to die in their rings, and
+    /// the compactor's own copies are not copied again before the journal has moved on.
+    pub compact_newer_segments_min: u32,
 }
 
 impl Default for JournalConfig {
@@ -124,6 +128,7 @@ impl Default for JournalConfig {
             shard_bytes_max: 16 << 30,
             snapshots_kept: 2,
             compact_live_percent_max: 25,
+            compact_newer_segments_min: 4,
         }
     }
 }
@@ -159,6 +164,9 @@ impl JournalConfig {
         }
         if self.compact_live_percent_max > 100 {
             return bad("compact_live_percent_max is a percentage (0..=100)");
+        }
+        if self.compact_newer_segments_min == 0 {
+            return bad("compact_newer_segments_min must be at least 1 (the active segment is never compacted)");
         }
         if self.shard_bytes_max < 2 * self.segment_bytes {
             return bad("shard_bytes_max must hold at least two segments");
