@@ -608,7 +608,7 @@ fn seeded_crashes_never_lose_an_acknowledged_record() {
 }
 
 /// A read cursor record: the seq is the cursor, the payload names the participant.
-fn cursor<'a>(conv: u64, seq: u64, ts: u64, who: &'a [u8]) -> Record<'a> {
+fn cursor(conv: u64, seq: u64, ts: u64, who: &[u8]) -> Record<'_> {
     Record { conversation: conv, seq, timestamp_us: ts, kind: RecordKind::ReadCursor, payload: who }
 }
 
@@ -700,7 +700,7 @@ fn compaction_moves_quiet_conversations_forward_and_retention_deletes_their_segm
     assert_eq!(j2.retained_entries(), entries);
     // Without any snapshot: a full replay of what is left finds the same.
     let bare = crashed.crash(Crash::KeepWritten);
-    for n in bare.names().iter().filter(|n| n.ends_with(".idx")) {
+    for n in bare.names().iter().filter(|n| std::path::Path::new(n).extension().is_some_and(|x| x == "idx")) {
         bare.delete(n);
     }
     let (j3, rep) = open(&bare, &cfg);

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use super::format::{check_frame, record_at};
+use super::format::{check_frame, record_at, Record};
 use super::index::IndexEntry;
 use super::storage::{Storage, StorageFile};
 use super::writer::{Journal, State, Ticket};
@@ -73,6 +73,21 @@ impl InFlight {
     }
 }
 
+/// One call's running totals.
+struct Pass {
+    out: CompactOutcome,
+    inflight: InFlight,
+    /// Most copy bytes waiting in the write queue at once.
+    inflight_bytes_max: u64,
+    budget_bytes: u64,
+}
+
+/// Whether the pass goes on.
+enum Next {
+    Go,
+    Stop,
+}
+
 /// Clears the running flag however the call ends (including the future being dropped).
 struct Running<'a, S: Storage>(&'a Journal<S>);
 
@@ -119,21 +134,23 @@ impl<S: Storage> Journal<S> {
     /// [`JournalConfig::compact_live_percent_max`]: super::JournalConfig::compact_live_percent_max
     /// [`JournalConfig::compact_newer_segments_min`]: super::JournalConfig::compact_newer_segments_min
     pub async fn compact(&self, budget_bytes: u64) -> Result<CompactOutcome, JournalError> {
-        let mut out = CompactOutcome::default();
         let candidates = {
             let mut st = self.inner.state.borrow_mut();
             st.writable()?;
             if st.compacting {
-                out.already_running = true;
-                return Ok(out);
+                return Ok(CompactOutcome { already_running: true, ..CompactOutcome::default() });
             }
             st.compacting = true;
             self.compaction_candidates(&st)
         };
         let _running = Running(self);
         let cfg = &self.inner.config;
-        let inflight_bytes_max = u64::from(cfg.write_bytes_max).min(cfg.pending_bytes_max / 4);
-        let mut inflight = InFlight::default();
+        let mut pass = Pass {
+            out: CompactOutcome::default(),
+            inflight: InFlight::default(),
+            inflight_bytes_max: u64::from(cfg.write_bytes_max).min(cfg.pending_bytes_max / 4),
+            budget_bytes,
+        };
         let mut chosen = Vec::new();
         'segments: for (base, file) in candidates {
             let entries = self.inner.state.borrow().index.entries_in(base);
@@ -146,79 +163,104 @@ impl<S: Storage> Journal<S> {
                 frames.entry(e.loc.frame_offset).or_insert((e.loc.frame_len, Vec::new())).1.push((conv, e));
             }
             for (offset, (len, list)) in frames {
-                let write_bytes_max: u64 = list.iter().map(|(_, e)| u64::from(e.loc.record_len)).sum();
-                if out.bytes_read + out.bytes_written + u64::from(len) + write_bytes_max > budget_bytes {
-                    out.budget_exhausted = true;
+                if let Next::Stop = self.copy_frame(&mut pass, base, &file, offset, len, list).await? {
                     break 'segments;
-                }
-                let bytes = file.read_at(u64::from(offset), len as usize).await.map_err(|e| JournalError::Io {
-                    op: "compaction read",
-                    kind: e.kind(),
-                    message: e.to_string(),
-                })?;
-                out.bytes_read += u64::from(len);
-                let checked = check_frame(&bytes, len as usize).ok().filter(|fh| fh.frame_len == len && fh.segment_base == base);
-                let Some(fh) = checked else {
-                    tracing::error!(segment = base, offset, "journal frame failed its check during compaction; its records stay");
-                    out.records_unreadable += list.len() as u64;
-                    self.inner.state.borrow_mut().compact_skip.insert(base);
-                    continue;
-                };
-                for (conv, e) in list {
-                    let record = record_at(&bytes, e.loc.record_offset as usize).map(|(r, _)| r).filter(|r| {
-                        r.conversation == conv
-                            && r.seq == e.seq
-                            && r.kind == e.kind
-                            && r.timestamp_us == e.timestamp_us
-                            && (fh.first_position..fh.end_position()).contains(&e.position)
-                    });
-                    let Some(record) = record else {
-                        tracing::error!(segment = base, offset, conv, seq = e.seq, "journal record does not match its index entry");
-                        out.records_unreadable += 1;
-                        self.inner.state.borrow_mut().compact_skip.insert(base);
-                        continue;
-                    };
-                    // The read awaited: retention or another move may have changed the entry.
-                    let current = self.inner.state.borrow().index.get(conv, &e);
-                    if current.is_none_or(|c| c.position != e.position) {
-                        out.records_skipped += 1;
-                        continue;
-                    }
-                    let n = record.encoded_bytes() as u64;
-                    if inflight.bytes > 0 && inflight.bytes + n > inflight_bytes_max {
-                        inflight.settle(self).await?;
-                    }
-                    let ticket = match self.append_copy(&record, e.position) {
-                        Ok(t) => t,
-                        Err(JournalError::Backpressure { .. }) if inflight.last.is_some() => {
-                            inflight.settle(self).await?;
-                            match self.append_copy(&record, e.position) {
-                                Ok(t) => t,
-                                Err(JournalError::Backpressure { .. }) => {
-                                    out.yielded_to_appends = true;
-                                    break 'segments;
-                                }
-                                Err(err) => return Err(err),
-                            }
-                        }
-                        Err(JournalError::Backpressure { .. }) => {
-                            out.yielded_to_appends = true;
-                            break 'segments;
-                        }
-                        Err(err) => return Err(err),
-                    };
-                    inflight.last = Some(ticket);
-                    inflight.bytes += n;
-                    out.records_copied += 1;
-                    out.bytes_written += n;
                 }
             }
         }
-        inflight.settle(self).await?;
+        pass.inflight.settle(self).await?;
+        let mut out = pass.out;
         let st = self.inner.state.borrow();
         out.segments_chosen = chosen.len() as u64;
         out.segments_cleared = chosen.iter().filter(|b| st.index.pins(**b) == 0).count() as u64;
         Ok(out)
+    }
+
+    /// Copies the records of one frame of segment `base` that `list` (conversation, entry)
+    /// says are retained, if the frame fits in what is left of the budget.
+    async fn copy_frame(
+        &self,
+        pass: &mut Pass,
+        base: u64,
+        file: &S::File,
+        offset: u32,
+        len: u32,
+        list: Vec<(u64, IndexEntry)>,
+    ) -> Result<Next, JournalError> {
+        let out = &mut pass.out;
+        let write_bytes_max: u64 = list.iter().map(|(_, e)| u64::from(e.loc.record_len)).sum();
+        if out.bytes_read + out.bytes_written + u64::from(len) + write_bytes_max > pass.budget_bytes {
+            out.budget_exhausted = true;
+            return Ok(Next::Stop);
+        }
+        let bytes = file.read_at(u64::from(offset), len as usize).await.map_err(|e| JournalError::Io {
+            op: "compaction read",
+            kind: e.kind(),
+            message: e.to_string(),
+        })?;
+        out.bytes_read += u64::from(len);
+        let checked = check_frame(&bytes, len as usize).ok().filter(|fh| fh.frame_len == len && fh.segment_base == base);
+        let Some(fh) = checked else {
+            tracing::error!(segment = base, offset, "journal frame failed its check during compaction; its records stay");
+            out.records_unreadable += list.len() as u64;
+            self.inner.state.borrow_mut().compact_skip.insert(base);
+            return Ok(Next::Go);
+        };
+        for (conv, e) in list {
+            let record = record_at(&bytes, e.loc.record_offset as usize).map(|(r, _)| r).filter(|r| {
+                r.conversation == conv
+                    && r.seq == e.seq
+                    && r.kind == e.kind
+                    && r.timestamp_us == e.timestamp_us
+                    && (fh.first_position..fh.end_position()).contains(&e.position)
+            });
+            let Some(record) = record else {
+                tracing::error!(segment = base, offset, conv, seq = e.seq, "journal record does not match its index entry");
+                pass.out.records_unreadable += 1;
+                self.inner.state.borrow_mut().compact_skip.insert(base);
+                continue;
+            };
+            // The read awaited: retention or another move may have changed the entry.
+            let current = self.inner.state.borrow().index.get(conv, &e);
+            if current.is_none_or(|c| c.position != e.position) {
+                pass.out.records_skipped += 1;
+                continue;
+            }
+            if let Next::Stop = self.copy_record(pass, &record, e.position).await? {
+                return Ok(Next::Stop);
+            }
+        }
+        Ok(Next::Go)
+    }
+
+    /// Appends the copy of `record` (at `from_position`), keeping the copies waiting in the
+    /// write queue under `inflight_bytes_max`; stops when normal appends filled the queue.
+    async fn copy_record(&self, pass: &mut Pass, record: &Record<'_>, from_position: u64) -> Result<Next, JournalError> {
+        let n = record.encoded_bytes() as u64;
+        if pass.inflight.bytes > 0 && pass.inflight.bytes + n > pass.inflight_bytes_max {
+            pass.inflight.settle(self).await?;
+        }
+        let ticket = match self.append_copy(record, from_position) {
+            Err(JournalError::Backpressure { .. }) if pass.inflight.last.is_some() => {
+                // Our own copies may be what fills the queue: let them drain, try once more.
+                pass.inflight.settle(self).await?;
+                self.append_copy(record, from_position)
+            }
+            res => res,
+        };
+        let ticket = match ticket {
+            Ok(t) => t,
+            Err(JournalError::Backpressure { .. }) => {
+                pass.out.yielded_to_appends = true;
+                return Ok(Next::Stop);
+            }
+            Err(err) => return Err(err),
+        };
+        pass.inflight.last = Some(ticket);
+        pass.inflight.bytes += n;
+        pass.out.records_copied += 1;
+        pass.out.bytes_written += n;
+        Ok(Next::Go)
     }
 
     /// The segments worth compacting, oldest first (the rule in [`Journal::compact`]).

@@ -651,7 +651,7 @@ mod tests {
     fn ring_keeps_last_n_and_pins_follow() {
         let mut ix = ConversationIndex::new(3, 2);
         for seq in 1..=5 {
-            ix.insert(9, e(seq, if seq <= 2 { 0 } else { 1 }, seq, RecordKind::Message));
+            ix.insert(9, e(seq, u64::from(seq > 2), seq, RecordKind::Message));
         }
         let (got, first) = ix.messages_from(9, 0, 10);
         assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 4, 5]);

@@ -59,6 +59,9 @@ impl ResumeRead {
     }
 }
 
+/// An index entry and its place in the list a read was asked for.
+type Numbered = (usize, IndexEntry);
+
 /// What a retention pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RetentionOutcome {
@@ -96,7 +99,7 @@ impl<S: Storage> Journal<S> {
     async fn read_entries(&self, conversation: u64, entries: &[IndexEntry]) -> Result<(Vec<StoredRecord>, u32), JournalError> {
         // Each record keeps its index in `entries` (the ring's order: seq for messages): after
         // compaction a conversation's records are no longer in position order on disk.
-        let mut frames: BTreeMap<(u64, u32), (u32, Vec<(usize, IndexEntry)>)> = BTreeMap::new();
+        let mut frames: BTreeMap<(u64, u32), (u32, Vec<Numbered>)> = BTreeMap::new();
         for (i, e) in entries.iter().enumerate() {
             frames.entry((e.loc.segment, e.loc.frame_offset)).or_insert((e.loc.frame_len, Vec::new())).1.push((i, *e));
         }
