@@ -818,6 +818,29 @@ fn snapshot_and_retention_while_copies_are_unsynced_lose_nothing() {
 }
 
 #[test]
+fn compaction_leaves_unreadable_records_in_place_and_skips_their_segment() {
+    let s = MemStorage::new();
+    let cfg = JournalConfig { retention_messages_max: 20, ..small() };
+    let (j, _) = open(&s, &cfg);
+    let convs = quiet_and_chatty(&j, 2, 400);
+    // Conversation 100's first message is the first frame of segment 0: bit rot in it.
+    s.flip_bit(&format!("{:020}.seg", 0), 4096 + 60, 1);
+    let out = run(&j, j.compact(u64::MAX)).unwrap();
+    assert_eq!(out.records_unreadable, 1, "{out:?}");
+    assert!(out.records_copied >= 9, "{out:?}");
+    assert_eq!(j.segment_pins(0), 1, "the unreadable record is not copied, its entry stays");
+    let read = block_on(j.read_messages(100, 0, usize::MAX)).unwrap();
+    assert_eq!((read.damaged_frames, read.records.len()), (1, 2));
+    // The damaged segment is not read again in this run.
+    let again = run(&j, j.compact(u64::MAX)).unwrap();
+    assert_eq!((again.bytes_read, again.records_unreadable), (0, 0), "{again:?}");
+    // The other quiet conversation moved whole.
+    assert_eq!(convs[2], 101);
+    let other = &contents(&j, &[101])[0];
+    assert_eq!((other.1.len(), other.2.len()), (3, 2));
+}
+
+#[test]
 fn seeded_crashes_during_compaction_lose_nothing_and_duplicate_nothing() {
     let cfg = JournalConfig { retention_messages_max: 20, retention_state_max: 8, ..small() };
     let (mut mid_copy, mut mid_retention, mut completed) = (0, 0, 0);

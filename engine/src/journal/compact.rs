@@ -36,7 +36,8 @@ pub struct CompactOutcome {
     pub segments_cleared: u64,
     /// Records copied forward (their index entries moved to the copies).
     pub records_copied: u64,
-    /// Records evicted or moved while the compactor was reading them (not copied).
+    /// Records evicted or moved while the compactor was reading them, or too large for this
+    /// run's limits (not copied).
     pub records_skipped: u64,
     /// Retained records whose frame or record failed its check: left where they are, their
     /// segment not chosen again until the journal is reopened.
@@ -141,7 +142,9 @@ impl<S: Storage> Journal<S> {
                 return Ok(CompactOutcome { already_running: true, ..CompactOutcome::default() });
             }
             st.compacting = true;
-            self.compaction_candidates(&st)
+            let st = &mut *st;
+            st.compact_skip.retain(|b| st.segments.contains_key(b));
+            self.compaction_candidates(st)
         };
         let _running = Running(self);
         let cfg = &self.inner.config;
@@ -226,16 +229,16 @@ impl<S: Storage> Journal<S> {
                 pass.out.records_skipped += 1;
                 continue;
             }
-            if let Next::Stop = self.copy_record(pass, &record, e.position).await? {
+            if let Next::Stop = self.copy_record(pass, base, &record, e.position).await? {
                 return Ok(Next::Stop);
             }
         }
         Ok(Next::Go)
     }
 
-    /// Appends the copy of `record` (at `from_position`), keeping the copies waiting in the
+    /// Appends the copy of `record` (at `from_position` in segment `base`), keeping the copies waiting in the
     /// write queue under `inflight_bytes_max`; stops when normal appends filled the queue.
-    async fn copy_record(&self, pass: &mut Pass, record: &Record<'_>, from_position: u64) -> Result<Next, JournalError> {
+    async fn copy_record(&self, pass: &mut Pass, base: u64, record: &Record<'_>, from_position: u64) -> Result<Next, JournalError> {
         let n = record.encoded_bytes() as u64;
         if pass.inflight.bytes > 0 && pass.inflight.bytes + n > pass.inflight_bytes_max {
             pass.inflight.settle(self).await?;
@@ -253,6 +256,13 @@ impl<S: Storage> Journal<S> {
             Err(JournalError::Backpressure { .. }) => {
                 pass.out.yielded_to_appends = true;
                 return Ok(Next::Stop);
+            }
+            Err(JournalError::TooLarge { .. }) => {
+                // Written under larger limits than this run's: it stays where it is, and so
+                // does its segment (not chosen again in this run).
+                pass.out.records_skipped += 1;
+                self.inner.state.borrow_mut().compact_skip.insert(base);
+                return Ok(Next::Go);
             }
             Err(err) => return Err(err),
         };

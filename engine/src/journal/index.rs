@@ -176,7 +176,8 @@ pub struct ConversationHead {
     pub first_seq: Option<u64>,
     /// Newest retained message seq.
     pub last_seq: Option<u64>,
-    /// Position of the newest retained record of any kind.
+    /// Position of the newest retained record of any kind (of its copy, if the compactor
+    /// moved it).
     pub last_position: u64,
 }
 
