@@ -5,8 +5,10 @@
 //! `cargo test --benches`) it runs a few operations as a smoke test. Knobs (environment):
 //! `JOURNAL_BENCH_DIR` (default: the system temp dir; must be a real file system: `O_DIRECT`),
 //! `JOURNAL_BENCH_OPS` (appends per latency run, default 4000), `JOURNAL_BENCH_SCAN_MB`
-//! (journal size for the recovery runs, default 256). Everything it writes is removed at the
-//! end. Prints percentiles from HDR histograms, never averages alone.
+//! (journal size for the recovery runs, default 256), `JOURNAL_BENCH_COMPACT_MB` (journal
+//! size for the compaction run, default 128), `JOURNAL_BENCH_ONLY` (`compaction`: run only
+//! that). Everything it writes is removed at the end. Prints percentiles from HDR histograms,
+//! never averages alone.
 //!
 //! What is measured:
 //! - `bare`: write 4 KiB at the next aligned offset of a preallocated file + fdatasync, the
@@ -15,6 +17,11 @@
 //!   (sync mode), in a loop; latency is append → acked.
 //! - recovery: open with no snapshot (full replay: read, CRC, chain, index) from disk; and the
 //!   pure scan (CRC + chain + record walk) over segments already in memory.
+//! - compaction: a journal where one record in ten belongs to one of many quiet conversations
+//!   (8 records each) and the rest to 64 chatty ones (their rings keep the last 128), so old
+//!   segments are sparse; then `compact` with an 8 MiB budget per call until nothing is left
+//!   to copy: records and bytes moved per second, and each call's duration (how long the shard's
+//!   executor is busy with it, awaits included).
 
 // A benchmark: ratios and rates printed as floats; short names in measurement loops.
 #![allow(
@@ -254,10 +261,80 @@ fn scan_in_memory(jdir: &Path, records: u64) {
     );
 }
 
+/// See the module doc. `mb` of journal in 8 MiB segments.
+async fn compaction(dir: &Path, mb: u64) {
+    let jdir = dir.join("compaction");
+    let cfg = JournalConfig { segment_bytes: 8 << 20, pending_bytes_max: 4 << 20, ..JournalConfig::default() };
+    let (j, _) = Journal::open(DmaStorage::new(&jdir).unwrap(), 0, cfg).await.unwrap();
+    let committer = glommio::spawn_local({
+        let j = j.clone();
+        async move { j.run_committer().await }
+    });
+    let payload = vec![b'q'; PAYLOAD_BYTES];
+    let records = (mb << 20) / (PAYLOAD_BYTES as u64 + 32);
+    let quiet = (records / 10 / 8).max(1);
+    let mut last = None;
+    let mut i = 0u64;
+    while i < records {
+        let (conversation, seq) = if i % 10 == 0 {
+            let q = i / 10;
+            (1_000_000 + q % quiet, q / quiet)
+        } else {
+            (i % 64, i / 64)
+        };
+        let r = Record { conversation, seq, timestamp_us: i, kind: RecordKind::Message, payload: &payload };
+        match j.append(&r, Durability::Sync) {
+            Ok(t) => {
+                last = Some(t);
+                i += 1;
+            }
+            Err(JournalError::Backpressure { .. }) => j.acked(last.take().expect("something pending")).await.unwrap(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    j.flush().await.unwrap();
+    let segments = j.segments().len();
+    let entries = j.retained_entries();
+    let budget = 8 << 20;
+    let mut calls = hist();
+    let (mut copied, mut read, mut written) = (0u64, 0u64, 0u64);
+    let t0 = Instant::now();
+    loop {
+        let t = Instant::now();
+        let out = j.compact(budget).await.unwrap();
+        calls.record(t.elapsed().as_nanos() as u64).unwrap();
+        assert!(out.bytes_read + out.bytes_written <= budget);
+        copied += out.records_copied;
+        read += out.bytes_read;
+        written += out.bytes_written;
+        if out.records_copied == 0 {
+            break;
+        }
+    }
+    let took = t0.elapsed();
+    let ret = j.apply_retention(0).await.unwrap();
+    assert_eq!(j.retained_entries(), entries);
+    println!(
+        "compaction: {segments} segments of 8 MiB, {quiet} quiet conversations; copied {copied} records, read {} MB + wrote {} MB in {:.0} ms: {:.0} records/s, {:.0} MB/s I/O; retention then deleted {} segments",
+        read / 1_000_000,
+        written / 1_000_000,
+        took.as_secs_f64() * 1000.0,
+        copied as f64 / took.as_secs_f64(),
+        (read + written) as f64 / took.as_secs_f64() / 1e6,
+        ret.segments_deleted
+    );
+    print_hist("compact call (8 MiB)", &calls, "(wall time per call)");
+    j.close().await.unwrap();
+    committer.await.unwrap();
+    std::fs::remove_dir_all(&jdir).unwrap();
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let ops = if full { env_u64("JOURNAL_BENCH_OPS", 4000) } else { 64 };
     let scan_mb = if full { env_u64("JOURNAL_BENCH_SCAN_MB", 256) } else { 8 };
+    let compact_mb = if full { env_u64("JOURNAL_BENCH_COMPACT_MB", 128) } else { 40 };
+    let only_compaction = std::env::var("JOURNAL_BENCH_ONLY").is_ok_and(|v| v == "compaction");
     let base = std::env::var_os("JOURNAL_BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
     let dir = base.join(format!("switchboard-journal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -275,6 +352,10 @@ fn main() {
     let d = dir.clone();
     let result = LocalExecutorBuilder::new(Placement::Unbound)
         .spawn(move || async move {
+            if only_compaction {
+                compaction(&d, compact_mb).await;
+                return;
+            }
             let bare = bare_fdatasync(&d, ops).await;
             print_hist("bare write+fdatasync", &bare, "(4 KiB)");
             for appenders in [1u64, 16] {
@@ -290,6 +371,7 @@ fn main() {
                 );
             }
             recovery(&d, scan_mb).await;
+            compaction(&d, compact_mb).await;
         })
         .unwrap()
         .join();

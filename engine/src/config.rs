@@ -92,6 +92,10 @@ pub struct JournalSection {
     /// How often an index snapshot is written (recovery replays only what follows the newest),
     /// in milliseconds.
     pub snapshot_interval_ms: u64,
+    /// I/O the compactor may spend per maintenance pass (bytes read + written), copying what
+    /// quiet conversations retain out of old, sparse segments so retention can delete them
+    /// (0 = no compaction).
+    pub compact_budget_bytes: u64,
     /// Segment, frame, queue and retention limits of each shard's journal.
     pub store: crate::journal::JournalConfig,
 }
@@ -102,6 +106,7 @@ impl Default for JournalSection {
             durability: DurabilityMode::Sync,
             maintenance_interval_ms: 1_000,
             snapshot_interval_ms: 30_000,
+            compact_budget_bytes: 8 << 20,
             store: crate::journal::JournalConfig::default(),
         }
     }

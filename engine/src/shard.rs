@@ -898,7 +898,8 @@ impl Shard {
         self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate, durability });
     }
 
-    /// Retention, index snapshots and recovery from a full device, every
+    /// Compaction (within its I/O budget), retention, index snapshots and recovery from a full
+    /// device, every
     /// `journal.maintenance_interval_ms`, until shutdown.
     pub(crate) async fn maintain_journal(self: Rc<Self>) {
         let Some(journal) = self.journal.clone() else { return };
@@ -918,6 +919,19 @@ impl Shard {
                     }
                     Ok(false) => {}
                     Err(error) => tracing::warn!(shard = self.index, %error, "cannot read the journal device's free space"),
+                }
+            }
+            if self.config.journal.compact_budget_bytes > 0 && journal.health() == Health::Healthy {
+                match journal.compact(self.config.journal.compact_budget_bytes).await {
+                    Ok(outcome) if outcome.records_copied > 0 => tracing::debug!(
+                        shard = self.index,
+                        records = outcome.records_copied,
+                        segments_cleared = outcome.segments_cleared,
+                        bytes_read = outcome.bytes_read,
+                        "journal compaction"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(shard = self.index, %error, "journal compaction failed"),
                 }
             }
             match journal.apply_retention(Self::now_us()).await {

@@ -607,6 +607,322 @@ fn seeded_crashes_never_lose_an_acknowledged_record() {
     assert!(acked_total > 1000, "only {acked_total} acknowledged records");
 }
 
+/// A read cursor record: the seq is the cursor, the payload names the participant.
+fn cursor(conv: u64, seq: u64, ts: u64, who: &[u8]) -> Record<'_> {
+    Record { conversation: conv, seq, timestamp_us: ts, kind: RecordKind::ReadCursor, payload: who }
+}
+
+/// Appends `records` as one commit and waits for their acknowledgement.
+fn append_records_acked(j: &Journal<MemStorage>, records: &[Record<'_>]) {
+    run(j, async {
+        let tickets: Vec<_> = records.iter().map(|r| j.append(r, Durability::Sync).unwrap()).collect();
+        for t in tickets {
+            j.acked(t).await.unwrap();
+        }
+    });
+}
+
+/// (seq, timestamp, kind, payload): a record as a reader sees it, whatever its position.
+type Seen = (u64, u64, u8, Vec<u8>);
+
+/// Every retained record of `convs`: messages in seq order, state records sorted (their ring
+/// order among equal timestamps is not part of the contract).
+fn contents<S: Storage>(j: &Journal<S>, convs: &[u64]) -> Vec<(u64, Vec<Seen>, Vec<Seen>)> {
+    let seen = |r: &switchboard::journal::StoredRecord| (r.seq, r.timestamp_us, r.kind as u8, r.payload.to_vec());
+    convs
+        .iter()
+        .map(|&c| {
+            let m = block_on(j.read_messages(c, 0, usize::MAX)).unwrap();
+            let s = block_on(j.read_state(c)).unwrap();
+            assert_eq!((m.damaged_frames, s.damaged_frames), (0, 0), "conversation {c}");
+            let mut state: Vec<Seen> = s.records.iter().map(seen).collect();
+            state.sort();
+            (c, m.records.iter().map(seen).collect(), state)
+        })
+        .collect()
+}
+
+/// Quiet conversations 100..100+`quiet` write a few messages and two read cursors at the same
+/// seq (two participants) at the start; conversation 1 then writes `chatty` messages, one
+/// commit each, so the quiet records end up alone in old segments.
+fn quiet_and_chatty(j: &Journal<MemStorage>, quiet: u64, chatty: u64) -> Vec<u64> {
+    for c in 100..100 + quiet {
+        append_acked(j, c, 0..3);
+        append_records_acked(j, &[cursor(c, 2, 5_000_000 + c, b"agent"), cursor(c, 2, 5_000_000 + c, b"customer")]);
+    }
+    append_acked(j, 1, 0..chatty);
+    std::iter::once(1).chain(100..100 + quiet).collect()
+}
+
+#[test]
+fn compaction_moves_quiet_conversations_forward_and_retention_deletes_their_segments() {
+    let s = MemStorage::new();
+    let cfg = JournalConfig { retention_messages_max: 50, ..small() };
+    let (j, _) = open(&s, &cfg);
+    let convs = quiet_and_chatty(&j, 3, 2000);
+    let before = contents(&j, &convs);
+    assert_eq!(before[1].1.len(), 3);
+    assert_eq!(before[1].2.len(), 2, "two participants' cursors at one seq are two records");
+    let entries = j.retained_entries();
+    let segs = j.segments();
+    assert!(segs.len() > 20);
+    // The quiet conversations pin the first segment, so retention can delete nothing.
+    assert_eq!(run(&j, j.apply_retention(0)).unwrap().segments_deleted, 0);
+    assert_eq!(j.segment_pins(segs[0]), 15);
+
+    let out = run(&j, j.compact(u64::MAX)).unwrap();
+    assert!(!out.budget_exhausted && !out.yielded_to_appends && !out.already_running, "{out:?}");
+    assert_eq!((out.records_unreadable, out.records_skipped), (0, 0));
+    assert!(out.records_copied >= 15 && out.segments_cleared == out.segments_chosen, "{out:?}");
+    assert!(out.bytes_written > 0 && out.bytes_read >= out.bytes_written, "{out:?}");
+    assert_eq!(j.stats().compaction_moves, out.records_copied);
+    assert_eq!(j.stats().compaction_copies, out.records_copied);
+    assert_eq!(j.segment_pins(segs[0]), 0);
+    // Same records, same count, read back from their new places.
+    assert_eq!(contents(&j, &convs), before);
+    assert_eq!(j.retained_entries(), entries);
+    let read = block_on(j.read_messages(100, 0, usize::MAX)).unwrap();
+    assert!(read.records.iter().all(|r| r.position >= *segs.last().unwrap()), "copied into the active segment");
+
+    // Every old segment was sparse (the chatty tail is 50 small records), so all of them were
+    // cleared; retention keeps only the newest few (too young to compact, holding the tail).
+    let ret = run(&j, j.apply_retention(0)).unwrap();
+    let left = j.segments();
+    assert!(left.len() <= 5 && ret.segments_deleted as usize >= segs.len() - 5, "{left:?}");
+    assert_eq!(contents(&j, &convs), before);
+
+    // After a power loss: the snapshot retention wrote points at the copies.
+    let crashed = s.crash(Crash::DropUnsynced);
+    let (j2, rep) = open(&crashed, &cfg);
+    assert!(rep.damage.is_empty() && !rep.acked_may_be_missing && rep.snapshot_used.is_some(), "{rep}");
+    assert_eq!(rep.first_position, j.segments()[0]);
+    assert_eq!(contents(&j2, &convs), before);
+    assert_eq!(j2.retained_entries(), entries);
+    // Without any snapshot: a full replay of what is left finds the same.
+    let bare = crashed.crash(Crash::KeepWritten);
+    for n in bare.names().iter().filter(|n| std::path::Path::new(n).extension().is_some_and(|x| x == "idx")) {
+        bare.delete(n);
+    }
+    let (j3, rep) = open(&bare, &cfg);
+    assert_eq!(rep.snapshot_used, None);
+    assert_eq!(contents(&j3, &convs), before);
+    assert_eq!(j3.retained_entries(), entries);
+    // Appends go on as before.
+    append_acked(&j3, 1, 2000..2001);
+    assert_eq!(block_on(j3.read_messages(1, 2000, 10)).unwrap().records.len(), 1);
+}
+
+#[test]
+fn compaction_budget_bounds_the_bytes_moved_per_call() {
+    let s = MemStorage::new();
+    let cfg = JournalConfig { retention_messages_max: 20, ..small() };
+    let (j, _) = open(&s, &cfg);
+    // Ten quiet conversations, six messages each, one frame per message, spread over the
+    // first segments between bursts of a chatty one.
+    for round in 0..60u64 {
+        append_acked(&j, 100 + round % 10, round / 10..round / 10 + 1);
+        append_acked(&j, 1, round * 5..round * 5 + 5);
+    }
+    append_acked(&j, 1, 300..600);
+    let convs: Vec<u64> = std::iter::once(1).chain(100..110).collect();
+    let before = contents(&j, &convs);
+    let first = j.segments()[0];
+    assert!(j.segment_pins(first) > 0);
+
+    // A budget smaller than one frame moves nothing.
+    let out = run(&j, j.compact(100)).unwrap();
+    assert!(out.budget_exhausted && out.records_copied == 0 && out.bytes_read == 0, "{out:?}");
+
+    let budget = 4096;
+    let mut calls = 0;
+    let (mut read, mut written) = (0, 0);
+    loop {
+        let out = run(&j, j.compact(budget)).unwrap();
+        assert!(out.bytes_read + out.bytes_written <= budget, "call {calls}: {out:?}");
+        if out.records_copied == 0 {
+            assert!(!out.budget_exhausted, "no progress within the budget: {out:?}");
+            break;
+        }
+        assert!(out.budget_exhausted || out.segments_cleared == out.segments_chosen, "{out:?}");
+        read += out.bytes_read;
+        written += out.bytes_written;
+        calls += 1;
+        assert!(calls < 1000);
+        assert_eq!(contents(&j, &convs), before, "after call {calls}");
+    }
+    assert!(calls >= 5, "{calls} calls moved {read} + {written} bytes");
+    assert_eq!(j.segment_pins(first), 0);
+    let deleted = run(&j, j.apply_retention(0)).unwrap().segments_deleted;
+    assert!(deleted > 0);
+    assert_eq!(contents(&j, &convs), before);
+    let (j2, rep) = open(&s.crash(Crash::DropUnsynced), &cfg);
+    assert!(rep.damage.is_empty() && !rep.acked_may_be_missing, "{rep}");
+    assert_eq!(contents(&j2, &convs), before);
+
+    // A compact live limit of 0 turns the compactor off.
+    let s = MemStorage::new();
+    let (j, _) = open(&s, &JournalConfig { retention_messages_max: 20, compact_live_percent_max: 0, ..small() });
+    quiet_and_chatty(&j, 2, 400);
+    assert_eq!(run(&j, j.compact(u64::MAX)).unwrap().segments_chosen, 0);
+}
+
+#[test]
+fn snapshot_and_retention_while_copies_are_unsynced_lose_nothing() {
+    let s = MemStorage::new();
+    let cfg = JournalConfig { retention_messages_max: 20, ..small() };
+    let (j, _) = open(&s, &cfg);
+    let convs = quiet_and_chatty(&j, 3, 400);
+    let want = contents(&j, &convs);
+    let entries = j.retained_entries();
+    let first = j.segments()[0];
+    // The copies are written, and their fdatasync never returns...
+    s.set_fdatasync_polls(u32::MAX);
+    block_on(or(
+        async {
+            let compact = async {
+                let _ = j.compact(u64::MAX).await;
+            };
+            let committer = async {
+                let _ = j.run_committer().await;
+            };
+            or(compact, committer).await;
+        },
+        async {
+            for _ in 0..10 {
+                yield_now().await;
+            }
+        },
+    ));
+    let st = j.stats();
+    assert!(st.compaction_copies > 0 && st.compaction_moves == 0, "{st:?}");
+    assert!(j.next_position() > j.synced_position());
+    // ... while the shard's maintenance writes a snapshot and runs retention (their own
+    // fdatasyncs complete).
+    s.set_fdatasync_polls(0);
+    block_on(j.write_snapshot()).unwrap();
+    block_on(j.apply_retention(0)).unwrap();
+    assert!(j.segments().contains(&first), "the originals' segment must stay until the copies are durable");
+    assert_eq!(contents(&j, &convs), want);
+    // Power loss: the copies are gone, the originals serve.
+    let (j2, rep) = open(&s.crash(Crash::DropUnsynced), &cfg);
+    assert!(rep.damage.is_empty() && !rep.acked_may_be_missing, "{rep}");
+    assert_eq!(contents(&j2, &convs), want);
+    assert_eq!(j2.retained_entries(), entries);
+    // Process kill: the copies survive beside the originals; replay keeps one entry each.
+    let (j3, rep) = open(&s.crash(Crash::KeepWritten), &cfg);
+    assert!(rep.damage.is_empty() && !rep.acked_may_be_missing, "{rep}");
+    assert!(rep.records_replayed >= st.compaction_copies, "{rep}");
+    assert_eq!(contents(&j3, &convs), want);
+    assert_eq!(j3.retained_entries(), entries);
+    assert_eq!(j3.segment_pins(first), 0, "replay moved the entries to the copies");
+}
+
+#[test]
+fn compaction_leaves_unreadable_records_in_place_and_skips_their_segment() {
+    let s = MemStorage::new();
+    let cfg = JournalConfig { retention_messages_max: 20, ..small() };
+    let (j, _) = open(&s, &cfg);
+    let convs = quiet_and_chatty(&j, 2, 400);
+    // Conversation 100's first message is the first frame of segment 0: bit rot in it.
+    s.flip_bit(&format!("{:020}.seg", 0), 4096 + 60, 1);
+    let out = run(&j, j.compact(u64::MAX)).unwrap();
+    assert_eq!(out.records_unreadable, 1, "{out:?}");
+    assert!(out.records_copied >= 9, "{out:?}");
+    assert_eq!(j.segment_pins(0), 1, "the unreadable record is not copied, its entry stays");
+    let read = block_on(j.read_messages(100, 0, usize::MAX)).unwrap();
+    assert_eq!((read.damaged_frames, read.records.len()), (1, 2));
+    // The damaged segment is not read again in this run.
+    let again = run(&j, j.compact(u64::MAX)).unwrap();
+    assert_eq!((again.bytes_read, again.records_unreadable), (0, 0), "{again:?}");
+    // The other quiet conversation moved whole.
+    assert_eq!(convs[2], 101);
+    let other = &contents(&j, &[101])[0];
+    assert_eq!((other.1.len(), other.2.len()), (3, 2));
+}
+
+#[test]
+fn seeded_crashes_during_compaction_lose_nothing_and_duplicate_nothing() {
+    let cfg = JournalConfig { retention_messages_max: 20, retention_state_max: 8, ..small() };
+    let (mut mid_copy, mut mid_retention, mut completed) = (0, 0, 0);
+    for seed in 1..=60u64 {
+        let mut rng = Rng(seed * 0x9E37_79B9 + 7);
+        let s = MemStorage::new();
+        let (j, _) = open(&s, &cfg);
+        let convs = quiet_and_chatty(&j, 4, 300 + rng.below(300));
+        if rng.below(2) == 0 {
+            // An older snapshot that points at the originals (or none at all).
+            run(&j, j.write_snapshot()).unwrap();
+        }
+        let want = contents(&j, &convs);
+        let entries = j.retained_entries();
+        // Slow fdatasyncs, so crashes land while copies are written but not yet durable.
+        s.set_fdatasync_polls(4 + rng.below(8) as u32);
+        let phase = Rc::new(RefCell::new(0u8));
+        let budget = rng.below(24);
+        let snapshot_every = 1 + rng.below(6);
+        // Compaction then retention, with the committer, and snapshots written in between as
+        // the shard's maintenance would; the process dies after `budget` polls.
+        block_on(or(
+            async {
+                let work = async {
+                    j.compact(u64::MAX).await.unwrap();
+                    *phase.borrow_mut() = 1;
+                    j.apply_retention(0).await.unwrap();
+                    *phase.borrow_mut() = 2;
+                };
+                let snapshots = async {
+                    loop {
+                        for _ in 0..snapshot_every {
+                            yield_now().await;
+                        }
+                        let _ = j.write_snapshot().await;
+                    }
+                };
+                let committer = async {
+                    let _ = j.run_committer().await;
+                    futures_lite::future::pending::<()>().await;
+                };
+                or(work, or(snapshots, committer)).await;
+            },
+            async {
+                for _ in 0..budget {
+                    yield_now().await;
+                }
+            },
+        ));
+        let st = j.stats();
+        match *phase.borrow() {
+            0 if st.compaction_copies > st.compaction_moves => mid_copy += 1,
+            1 => mid_retention += 1,
+            2 => completed += 1,
+            _ => {}
+        }
+        let how = match rng.below(3) {
+            0 => Crash::KeepWritten,
+            1 => Crash::DropUnsynced,
+            _ => Crash::TearLastWrite { keep_bytes: rng.below(8192) as usize },
+        };
+        let crashed = s.crash(how);
+        let (j2, rep) = open(&crashed, &cfg);
+        assert!(rep.damage.is_empty() && !rep.acked_may_be_missing && rep.epoch == 1, "seed {seed}: {rep}");
+        assert_eq!(contents(&j2, &convs), want, "seed {seed} ({how:?}, phase {})", phase.borrow());
+        assert_eq!(j2.retained_entries(), entries, "seed {seed}");
+        // The recovered journal compacts and retains to the end, and says the same again.
+        let out = run(&j2, j2.compact(u64::MAX)).unwrap();
+        assert_eq!(out.records_unreadable, 0);
+        run(&j2, j2.apply_retention(0)).unwrap();
+        assert!(j2.segments().len() <= 5, "seed {seed}: {:?}", j2.segments());
+        assert_eq!(contents(&j2, &convs), want, "seed {seed} after a second compaction");
+        let (j3, rep) = open(&crashed.crash(Crash::DropUnsynced), &cfg);
+        assert!(rep.damage.is_empty() && !rep.acked_may_be_missing, "seed {seed}: {rep}");
+        assert_eq!(contents(&j3, &convs), want, "seed {seed} after a second crash");
+        assert_eq!(j3.retained_entries(), entries);
+    }
+    // The loop must have crashed where it claims to.
+    eprintln!("crashed with copies unsettled {mid_copy}, during retention {mid_retention}, after {completed}");
+    assert!(mid_copy > 0 && mid_retention + completed > 0, "{mid_copy} / {mid_retention} / {completed}");
+}
+
 /// A temp dir under the system temp dir, removed on drop.
 struct TempDir(std::path::PathBuf);
 impl TempDir {
@@ -741,4 +1057,85 @@ fn real_disk_round_trip_with_direct_io() {
     let report = inspect(&path).unwrap();
     assert!(!report.is_ok());
     assert!(report.problems[0].contains("damage at offsets 4096.."), "{report}");
+}
+
+/// Every retained message and state record of `convs`, read from disk.
+async fn read_all(j: &Journal<DmaStorage>, convs: &[u64]) -> Vec<(u64, Vec<u8>)> {
+    let mut out = Vec::new();
+    for &c in convs {
+        let m = j.read_messages(c, 0, usize::MAX).await.unwrap();
+        let s = j.read_state(c).await.unwrap();
+        assert_eq!((m.damaged_frames, s.damaged_frames), (0, 0));
+        out.extend(m.records.iter().chain(&s.records).map(|r| (r.seq, r.payload.to_vec())));
+    }
+    out
+}
+
+#[test]
+fn real_disk_compaction_then_reopen() {
+    let dir = TempDir::new("compact");
+    let cfg = JournalConfig {
+        segment_bytes: 256 * 1024,
+        frame_bytes_max: 64 * 1024,
+        write_bytes_max: 128 * 1024,
+        retention_messages_max: 30,
+        ..JournalConfig::default()
+    };
+    let convs: Vec<u64> = std::iter::once(1).chain(100..108).collect();
+    let (c1, path1, convs1) = (cfg.clone(), dir.0.clone(), convs.clone());
+    let (want, deleted) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let (j, _) = Journal::open(DmaStorage::new(&path1).unwrap(), SHARD, c1).await.unwrap();
+            let committer = glommio::spawn_local({
+                let j = j.clone();
+                async move { j.run_committer().await }
+            });
+            for c in 100..108u64 {
+                for seq in 0..4 {
+                    let p = payload(c, seq);
+                    let t = j.append(&msg(c, seq, &p), Durability::Sync).unwrap();
+                    j.acked(t).await.unwrap();
+                }
+                let t = j.append(&cursor(c, 3, 7_000_000 + c, b"agent"), Durability::Sync).unwrap();
+                j.acked(t).await.unwrap();
+            }
+            for seq in 0..3000u64 {
+                let p = payload(1, seq);
+                let t = j.append(&msg(1, seq, &p), Durability::Sync).unwrap();
+                if seq % 8 == 7 {
+                    j.acked(t).await.unwrap();
+                }
+            }
+            j.flush().await.unwrap();
+            let want = read_all(&j, &convs1).await;
+            let segs = j.segments().len();
+            let out = j.compact(u64::MAX).await.unwrap();
+            assert!(out.records_copied >= 40 && out.segments_cleared > 0, "{out:?}");
+            assert_eq!(read_all(&j, &convs1).await, want);
+            let ret = j.apply_retention(0).await.unwrap();
+            assert!(j.segments().len() <= 5 && ret.segments_deleted as usize + 5 >= segs, "{segs} -> {:?}", j.segments());
+            assert_eq!(read_all(&j, &convs1).await, want);
+            j.close().await.unwrap();
+            committer.await.unwrap();
+            (want, ret.segments_deleted)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(deleted > 0);
+    let (c2, path2, convs2) = (cfg.clone(), dir.0.clone(), convs.clone());
+    let got = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .spawn(move || async move {
+            let (j, rep) = Journal::open(DmaStorage::new(&path2).unwrap(), SHARD, c2).await.unwrap();
+            assert!(rep.clean_shutdown && rep.damage.is_empty() && !rep.acked_may_be_missing, "{rep}");
+            read_all(&j, &convs2).await
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(got, want);
+    // The operator's view: every snapshot entry points at its record, moved or not.
+    let report = verify(&dir.0).unwrap();
+    assert!(report.is_ok(), "{report}");
+    assert!(report.snapshots.iter().all(|s| s.bad_entries == Some(0)), "{report}");
 }

@@ -15,6 +15,8 @@
 //!   codec (pure).
 //! - [`reader`]: resume reads ([`Journal::read_messages`]) and retention; [`bulk`]: everything
 //!   retained in one pass ([`Journal::read_all_retained`]), for rebuilding sessions at start.
+//! - [`compact`]: [`Journal::compact`], the compactor: copies forward what quiet conversations
+//!   retain in old, sparse segments, so retention can delete them.
 //! - [`storage`]: the [`Storage`] trait and [`MemStorage`] (in memory, fault injection);
 //!   [`dma`]: [`DmaStorage`], the glommio direct-I/O backend the engine uses.
 //! - [`inspect`]: `switchboard journal inspect|verify DIR`.
@@ -27,11 +29,13 @@
 //! let ticket = journal.append(&record, Durability::Sync)?;   // never waits
 //! journal.acked(ticket).await?;                                // then PUBACK
 //! let read = journal.read_messages(conversation, from_seq, max).await?;
+//! journal.compact(budget_bytes).await?;      // periodic, before retention
 //! journal.apply_retention(now_us).await?;  journal.write_snapshot().await?;  // periodic
 //! journal.close().await?;                                      // graceful shutdown
 //! ```
 
 pub mod bulk;
+pub mod compact;
 pub mod dma;
 pub mod format;
 pub mod index;
@@ -44,6 +48,7 @@ pub mod writer;
 
 use serde::{Deserialize, Serialize};
 
+pub use compact::CompactOutcome;
 pub use dma::DmaStorage;
 pub use format::{Record, RecordKind};
 pub use inspect::{inspect, verify, Report};
@@ -99,6 +104,13 @@ pub struct JournalConfig {
     pub shard_bytes_max: u64,
     /// Index snapshots kept (the newest valid one is used at open).
     pub snapshots_kept: u32,
+    /// The compactor picks a sealed segment only when the record bytes still retained in it
+    /// are at most this percentage of its size (0 = never compact). See [`Journal::compact`].
+    pub compact_live_percent_max: u32,
+    /// The compactor picks a segment only once at least this many segments (the active one
+    /// included) are newer than it: the newest records are left to die in their rings, and
+    /// the compactor's own copies are not copied again before the journal has moved on.
+    pub compact_newer_segments_min: u32,
 }
 
 impl Default for JournalConfig {
@@ -117,6 +129,8 @@ impl Default for JournalConfig {
             retention_age_ms: 0,
             shard_bytes_max: 16 << 30,
             snapshots_kept: 2,
+            compact_live_percent_max: 25,
+            compact_newer_segments_min: 4,
         }
     }
 }
@@ -149,6 +163,12 @@ impl JournalConfig {
         }
         if self.retention_messages_max == 0 || self.retention_state_max == 0 {
             return bad("retention rings need at least one entry");
+        }
+        if self.compact_live_percent_max > 100 {
+            return bad("compact_live_percent_max is a percentage (0..=100)");
+        }
+        if self.compact_newer_segments_min == 0 {
+            return bad("compact_newer_segments_min must be at least 1 (the active segment is never compacted)");
         }
         if self.shard_bytes_max < 2 * self.segment_bytes {
             return bad("shard_bytes_max must hold at least two segments");

@@ -7,9 +7,9 @@
 //! Retention: per conversation the rings keep the last N (and, when `retention_age_ms` is set,
 //! drop entries older than that); per shard, when the segments exceed `shard_bytes_max`, the
 //! oldest segments go whatever they hold. Segments are deleted oldest first only, so a gap in
-//! the middle of the journal is always damage, never retention (recovery reports it).
-//! TODO(issue 6): the compactor that copies the retained tails of quiet conversations forward,
-//! so one quiet conversation does not pin old segments until the byte limit evicts it.
+//! the middle of the journal is always damage, never retention (recovery reports it). The
+//! compactor ([`Journal::compact`], `compact.rs`) copies forward what quiet conversations still
+//! retain in old segments, so their pins drop to zero and this pass deletes them.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -25,7 +25,8 @@ use super::JournalError;
 /// A record read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRecord {
-    /// Journal position.
+    /// Journal position of the copy read (the compactor moves records forward: positions do
+    /// not follow seqs; records come back in seq order).
     pub position: u64,
     /// Conversation id.
     pub conversation: u64,
@@ -57,6 +58,9 @@ impl ResumeRead {
         self.damaged_frames == 0 && self.first_retained_seq.is_some_and(|f| f <= from_seq)
     }
 }
+
+/// An index entry and its place in the list a read was asked for.
+type Numbered = (usize, IndexEntry);
 
 /// What a retention pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -93,9 +97,11 @@ impl<S: Storage> Journal<S> {
     }
 
     async fn read_entries(&self, conversation: u64, entries: &[IndexEntry]) -> Result<(Vec<StoredRecord>, u32), JournalError> {
-        let mut frames: BTreeMap<(u64, u32), (u32, Vec<IndexEntry>)> = BTreeMap::new();
-        for e in entries {
-            frames.entry((e.loc.segment, e.loc.frame_offset)).or_insert((e.loc.frame_len, Vec::new())).1.push(*e);
+        // Each record keeps its index in `entries` (the ring's order: seq for messages): after
+        // compaction a conversation's records are no longer in position order on disk.
+        let mut frames: BTreeMap<(u64, u32), (u32, Vec<Numbered>)> = BTreeMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            frames.entry((e.loc.segment, e.loc.frame_offset)).or_insert((e.loc.frame_len, Vec::new())).1.push((i, *e));
         }
         let files: BTreeMap<u64, Rc<S::File>> = {
             let st = self.inner.state.borrow();
@@ -119,24 +125,27 @@ impl<S: Storage> Journal<S> {
                 damaged += 1;
                 continue;
             };
-            for e in list {
+            for (i, e) in list {
                 match record_at(&bytes, e.loc.record_offset as usize) {
                     Some((r, _)) if r.conversation == conversation && r.seq == e.seq && e.position >= fh.first_position => {
-                        out.push(StoredRecord {
-                            position: e.position,
-                            conversation,
-                            seq: r.seq,
-                            timestamp_us: r.timestamp_us,
-                            kind: r.kind,
-                            payload: Bytes::copy_from_slice(r.payload),
-                        });
+                        out.push((
+                            i,
+                            StoredRecord {
+                                position: e.position,
+                                conversation,
+                                seq: r.seq,
+                                timestamp_us: r.timestamp_us,
+                                kind: r.kind,
+                                payload: Bytes::copy_from_slice(r.payload),
+                            },
+                        ));
                     }
                     _ => damaged += 1,
                 }
             }
         }
-        out.sort_by_key(|r| r.position);
-        Ok((out, damaged))
+        out.sort_unstable_by_key(|r| r.0);
+        Ok((out.into_iter().map(|r| r.1).collect(), damaged))
     }
 
     /// Forgets a conversation (closed, no longer resumable): its entries stop pinning segments.

@@ -527,6 +527,8 @@ async fn zero_tail<F: StorageFile>(file: &F, data: &[u8], offset: u64) -> Result
 
 /// Scans one segment from `start`, indexing every record of every valid frame (what `open`
 /// does after reading a segment; public so the recovery benchmark measures this very code).
+/// A compactor's copy and its original are both ordinary records here; the index keeps one
+/// entry for the two, at the copy (the newer position).
 pub fn replay_segment(
     data: &[u8],
     base: u64,
@@ -543,11 +545,13 @@ pub fn replay_segment(
                     position: fh.first_position + i as u64,
                     timestamp_us: r.timestamp_us,
                     kind: r.kind,
+                    fingerprint: IndexEntry::fingerprint_of(r.kind, r.payload),
                     loc: Location {
                         segment: base,
                         frame_offset: off as u32,
                         frame_len: fh.frame_len,
                         record_offset: rec_off,
+                        record_len: r.encoded_bytes() as u32,
                     },
                 },
             );

@@ -103,6 +103,10 @@ pub struct JournalStats {
     pub backpressure: u64,
     /// Index snapshots written.
     pub snapshots: u64,
+    /// Records the compactor appended (copies; not counted in `appends`).
+    pub compaction_copies: u64,
+    /// Index entries moved to their copy once it was durable.
+    pub compaction_moves: u64,
 }
 
 /// A segment the journal knows.
@@ -122,7 +126,8 @@ struct PendingFrame {
     first_position: u64,
     count: u32,
     sync: bool,
-    entries: Vec<(u64, IndexEntry)>,
+    /// (conversation, entry, the original's position for a compactor's copy).
+    entries: Vec<(u64, IndexEntry, Option<u64>)>,
 }
 
 /// The durable point: everything below `position` is on disk and synced; the next frame goes
@@ -149,6 +154,13 @@ pub(super) struct State<F> {
     pub(super) active: Option<u64>,
     pub(super) segments: BTreeMap<u64, Segment<F>>,
     pub(super) index: ConversationIndex,
+    /// Compactor copies written but not yet synced: (conversation, the copy's entry, the
+    /// original's position). Their index entries move when an fdatasync covers them.
+    unsynced_copies: Vec<(u64, IndexEntry, u64)>,
+    /// A `compact` call is running (calls do not overlap).
+    pub(super) compacting: bool,
+    /// Segments the compactor found unreadable records in (not chosen again in this run).
+    pub(super) compact_skip: std::collections::BTreeSet<u64>,
     pending: VecDeque<PendingFrame>,
     pending_bytes: u64,
     spare: Vec<Vec<u8>>,
@@ -213,6 +225,9 @@ impl<F> State<F> {
             active: None,
             segments: BTreeMap::new(),
             index,
+            unsynced_copies: Vec::new(),
+            compacting: false,
+            compact_skip: std::collections::BTreeSet::new(),
             pending: VecDeque::new(),
             pending_bytes: 0,
             spare: Vec::new(),
@@ -225,6 +240,17 @@ impl<F> State<F> {
             drops: VecDeque::new(),
             waiters: Vec::new(),
             stats: JournalStats::default(),
+        }
+    }
+
+    /// Ok when appends are accepted; otherwise the error an append gets.
+    pub(super) fn writable(&self) -> Result<(), JournalError> {
+        match &self.health {
+            Health::Healthy if self.closing => Err(JournalError::Closed),
+            Health::Healthy => Ok(()),
+            Health::NoSpace => Err(JournalError::NoSpace),
+            Health::Failed(why) => Err(JournalError::Failed(why.clone())),
+            Health::Closed => Err(JournalError::Closed),
         }
     }
 
@@ -243,6 +269,23 @@ impl<F> State<F> {
         self.health = Health::Failed(why);
         self.recycle_pending();
         self.wake_all();
+    }
+
+    /// Moves the index entries of every compactor copy the durable point now covers (called
+    /// right after an fdatasync advanced it, in the same borrow: no snapshot can see the
+    /// copies durable and the index still pointing at the originals, or the reverse).
+    fn settle_copies(&mut self) {
+        let synced = self.synced.position;
+        let index = &mut self.index;
+        let mut moved = 0;
+        self.unsynced_copies.retain(|(conv, copy, from)| {
+            if copy.position >= synced {
+                return true;
+            }
+            moved += u64::from(index.relocate(*conv, *from, *copy));
+            false
+        });
+        self.stats.compaction_moves += moved;
     }
 
     fn recycle_pending(&mut self) {
@@ -302,18 +345,33 @@ impl<S: Storage> Journal<S> {
         self.inner.state.borrow().segments.keys().copied().collect()
     }
 
+    /// Retained index entries (all conversations, both rings).
+    pub fn retained_entries(&self) -> u64 {
+        self.inner.state.borrow().index.entries()
+    }
+
+    /// Retained index entries pointing into segment `base` (its pins).
+    pub fn segment_pins(&self, base: u64) -> u64 {
+        self.inner.state.borrow().index.pins(base)
+    }
+
     /// Appends a record to the frame being built and returns its ticket. Never waits: a full
     /// queue is `Backpressure`, a full device `NoSpace`, a failed journal `Failed`.
     pub fn append(&self, r: &Record<'_>, durability: Durability) -> Result<Ticket, JournalError> {
+        self.append_with(r, durability, None)
+    }
+
+    /// Appends the compactor's copy of the record at position `from_position` (`Sync`): a
+    /// record like any other in the frames, but its index entry moves only once it is durable
+    /// (see `settle_copies`).
+    pub(super) fn append_copy(&self, r: &Record<'_>, from_position: u64) -> Result<Ticket, JournalError> {
+        self.append_with(r, Durability::Sync, Some(from_position))
+    }
+
+    fn append_with(&self, r: &Record<'_>, durability: Durability, copy_of: Option<u64>) -> Result<Ticket, JournalError> {
         let cfg = &self.inner.config;
         let mut st = self.inner.state.borrow_mut();
-        match &st.health {
-            Health::Healthy if st.closing => return Err(JournalError::Closed),
-            Health::Healthy => {}
-            Health::NoSpace => return Err(JournalError::NoSpace),
-            Health::Failed(why) => return Err(JournalError::Failed(why.clone())),
-            Health::Closed => return Err(JournalError::Closed),
-        }
+        st.writable()?;
         if r.payload.len() > cfg.payload_bytes_max as usize
             || FRAME_HEADER_BYTES + r.encoded_bytes() > cfg.frame_bytes_max as usize
         {
@@ -350,12 +408,18 @@ impl<S: Storage> Journal<S> {
                 position,
                 timestamp_us: r.timestamp_us,
                 kind: r.kind,
-                loc: Location { segment: 0, frame_offset: 0, frame_len: 0, record_offset },
+                fingerprint: IndexEntry::fingerprint_of(r.kind, r.payload),
+                loc: Location { segment: 0, frame_offset: 0, frame_len: 0, record_offset, record_len: bytes as u32 },
             },
+            copy_of,
         ));
         st.pending_bytes += bytes;
         st.next_position += 1;
-        st.stats.appends += 1;
+        if copy_of.is_some() {
+            st.stats.compaction_copies += 1;
+        } else {
+            st.stats.appends += 1;
+        }
         let generation = st.generation;
         drop(st);
         self.inner.work.notify();
@@ -489,11 +553,11 @@ impl<S: Storage> Journal<S> {
                 prev = seal_frame_header(&mut f.buf, prev, seg, f.first_position, f.count, 0);
                 buf.extend_from_slice(&f.buf);
                 buf.resize(buf.len() + (padded - f.buf.len()), 0);
-                for (conv, mut e) in f.entries.drain(..) {
+                for (conv, mut e, copy_of) in f.entries.drain(..) {
                     e.loc.segment = seg;
                     e.loc.frame_offset = frame_offset as u32;
                     e.loc.frame_len = frame_len;
-                    entries.push((conv, e));
+                    entries.push((conv, e, copy_of));
                 }
                 st.pending_bytes -= (f.buf.len() - FRAME_HEADER_BYTES) as u64;
                 sync |= f.sync;
@@ -532,8 +596,13 @@ impl<S: Storage> Journal<S> {
             st.unsynced_since.get_or_insert_with(std::time::Instant::now);
             st.stats.commits += 1;
             st.stats.bytes_written += len as u64;
-            for (conv, e) in entries {
-                st.index.insert(conv, e);
+            for (conv, e, copy_of) in entries {
+                match copy_of {
+                    None => st.index.insert(conv, e),
+                    // Not indexed until durable: a snapshot holds only synced positions, and the
+                    // original must stay reachable until its copy survives a power loss.
+                    Some(from) => st.unsynced_copies.push((conv, e, from)),
+                }
             }
             st.wake_all();
         }
@@ -560,6 +629,7 @@ impl<S: Storage> Journal<S> {
                 st.stats.fdatasyncs += 1;
                 if target.position >= st.synced.position {
                     st.synced = target;
+                    st.settle_copies();
                 }
                 if st.written == target {
                     st.unsynced_bytes = 0;
@@ -622,6 +692,7 @@ impl<S: Storage> Journal<S> {
                 Ok(()) => {
                     st.stats.fdatasyncs += 1;
                     st.synced = st.written;
+                    st.settle_copies();
                     st.unsynced_bytes = 0;
                     st.unsynced_since = None;
                     st.segments.get_mut(&base).expect("active").sealed = true;
