@@ -7,12 +7,9 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
-
-use super::format::{check_frame, record_at};
 use super::index::IndexEntry;
-use super::reader::StoredRecord;
-use super::storage::{Storage, StorageFile};
+use super::reader::{read_checked_frame, stored_record, StoredRecord};
+use super::storage::Storage;
 use super::writer::Journal;
 use super::JournalError;
 
@@ -53,31 +50,16 @@ impl<S: Storage> Journal<S> {
                 out.damaged_frames += 1;
                 continue;
             };
-            let bytes = file
-                .read_at(u64::from(offset), len as usize)
-                .await
-                .map_err(|e| JournalError::Io { op: "read frame", kind: e.kind(), message: e.to_string() })?;
-            out.frames_read += 1;
-            out.bytes_read += bytes.len() as u64;
-            let checked = check_frame(&bytes, len as usize).ok().filter(|fh| fh.frame_len == len && fh.segment_base == segment);
-            let Some(fh) = checked else {
-                tracing::error!(segment, offset, "journal frame failed its check on read");
+            let Some((bytes, fh)) = read_checked_frame(&**file, segment, offset, len).await? else {
                 out.damaged_frames += 1;
                 continue;
             };
+            out.frames_read += 1;
+            out.bytes_read += bytes.len() as u64;
             for (conversation, e) in entries {
-                match record_at(&bytes, e.loc.record_offset as usize) {
-                    Some((r, _)) if r.conversation == conversation && r.seq == e.seq && e.position >= fh.first_position => {
-                        out.records.push(StoredRecord {
-                            position: e.position,
-                            conversation,
-                            seq: r.seq,
-                            timestamp_us: r.timestamp_us,
-                            kind: r.kind,
-                            payload: Bytes::copy_from_slice(r.payload),
-                        });
-                    }
-                    _ => out.damaged_frames += 1,
+                match stored_record(&bytes, &fh, conversation, &e) {
+                    Some(record) => out.records.push(record),
+                    None => out.damaged_frames += 1,
                 }
             }
         }

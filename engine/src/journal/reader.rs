@@ -16,7 +16,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use super::format::{check_frame, record_at, RecordKind};
+use super::format::{check_frame, record_at, FrameHeader, RecordKind};
 use super::index::{ConversationHead, IndexEntry};
 use super::storage::{Storage, StorageFile};
 use super::writer::{quarantine_name, segment_name, Health, Journal};
@@ -114,33 +114,14 @@ impl<S: Storage> Journal<S> {
                 damaged += 1;
                 continue;
             };
-            let bytes = file.read_at(u64::from(offset), len as usize).await.map_err(|e| JournalError::Io {
-                op: "read frame",
-                kind: e.kind(),
-                message: e.to_string(),
-            })?;
-            let ok = check_frame(&bytes, len as usize).ok().filter(|fh| fh.frame_len == len && fh.segment_base == segment);
-            let Some(fh) = ok else {
-                tracing::error!(segment, offset, "journal frame failed its check on read");
+            let Some((bytes, fh)) = read_checked_frame(&**file, segment, offset, len).await? else {
                 damaged += 1;
                 continue;
             };
             for (i, e) in list {
-                match record_at(&bytes, e.loc.record_offset as usize) {
-                    Some((r, _)) if r.conversation == conversation && r.seq == e.seq && e.position >= fh.first_position => {
-                        out.push((
-                            i,
-                            StoredRecord {
-                                position: e.position,
-                                conversation,
-                                seq: r.seq,
-                                timestamp_us: r.timestamp_us,
-                                kind: r.kind,
-                                payload: Bytes::copy_from_slice(r.payload),
-                            },
-                        ));
-                    }
-                    _ => damaged += 1,
+                match stored_record(&bytes, &fh, conversation, &e) {
+                    Some(record) => out.push((i, record)),
+                    None => damaged += 1,
                 }
             }
         }
@@ -212,5 +193,40 @@ impl<S: Storage> Journal<S> {
             self.write_snapshot().await?;
         }
         Ok(outcome)
+    }
+}
+
+/// Reads the frame at `offset` of `segment` and checks it (length, CRC, segment); `None` when
+/// the check fails (logged: bit rot since recovery is reported, not served).
+pub(super) async fn read_checked_frame<F: StorageFile>(
+    file: &F,
+    segment: u64,
+    offset: u32,
+    len: u32,
+) -> Result<Option<(Vec<u8>, FrameHeader)>, JournalError> {
+    let bytes = file
+        .read_at(u64::from(offset), len as usize)
+        .await
+        .map_err(|e| JournalError::Io { op: "read frame", kind: e.kind(), message: e.to_string() })?;
+    let checked = check_frame(&bytes, len as usize).ok().filter(|fh| fh.frame_len == len && fh.segment_base == segment);
+    if checked.is_none() {
+        tracing::error!(segment, offset, "journal frame failed its check on read");
+    }
+    Ok(checked.map(|fh| (bytes, fh)))
+}
+
+/// The record index entry `e` of `conversation` points at inside a checked frame, when it is
+/// the one the entry names.
+pub(super) fn stored_record(frame: &[u8], fh: &FrameHeader, conversation: u64, e: &IndexEntry) -> Option<StoredRecord> {
+    match record_at(frame, e.loc.record_offset as usize) {
+        Some((r, _)) if r.conversation == conversation && r.seq == e.seq && e.position >= fh.first_position => Some(StoredRecord {
+            position: e.position,
+            conversation,
+            seq: r.seq,
+            timestamp_us: r.timestamp_us,
+            kind: r.kind,
+            payload: Bytes::copy_from_slice(r.payload),
+        }),
+        _ => None,
     }
 }
