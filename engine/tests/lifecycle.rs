@@ -27,11 +27,12 @@ fn wait_ready(stderr: &mut impl BufRead) -> (SocketAddr, SocketAddr) {
 
 #[test]
 fn sigterm_sends_goaway_drains_and_exits_zero() {
-    // The default durability (sync): the journal lives in a directory of the test's own.
+    // The defaults as the README's quick start runs them: `sync` durability, the journal in
+    // the relative `./switchboard-data` (here under a directory of the test's own).
     let dir = common::TempDir::new("lifecycle");
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--shards", "2", "--data-dir"])
-        .arg(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0", "--shards", "2"])
+        .current_dir(dir.path())
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -53,7 +54,8 @@ fn sigterm_sends_goaway_drains_and_exits_zero() {
     let mut subscriber = Raw::handshake(data);
     subscriber.subscribe("conv", ResumeFrom::Live);
     let mut publisher = Raw::handshake(data);
-    publisher.publish("conv", 0, b"before shutdown");
+    let ack = publisher.publish("conv", 0, b"before shutdown");
+    assert_eq!(ack.durability, switchboard_protocol::Durability::Sync);
     assert_eq!(subscriber.deliver().seq, 1);
 
     // SAFETY: plain kill(2) on our child's pid.

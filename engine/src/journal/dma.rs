@@ -117,7 +117,10 @@ impl DmaStorage {
     /// Uses `dir`, creating it if needed.
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
-        Ok(Self { dir: dir.as_ref().to_path_buf(), probed: Rc::new(Cell::new(false)) })
+        // Absolute: glommio opens a relative directory path with no base descriptor and fails
+        // with EBADF (the default data directory, `./switchboard-data`, is relative).
+        let dir = std::fs::canonicalize(dir.as_ref())?;
+        Ok(Self { dir, probed: Rc::new(Cell::new(false)) })
     }
 
     /// glommio decides once per device and thread whether reads may use the poll ring
