@@ -748,6 +748,10 @@ pub struct LimitsConfig {
     pub history_messages_max: u32,
     /// Most sessions one shard holds.
     pub sessions_per_shard_max: usize,
+    /// A session nobody subscribes to and nobody has published to for this long is dropped
+    /// from memory and from the journal's index (retention by age), in milliseconds; a client
+    /// resuming it later is told `recovered = false`. 0 = never.
+    pub session_idle_ms: u64,
     /// Most connections one shard serves.
     pub connections_per_shard_max: usize,
     /// Outbound bytes buffered per connection before it is a slow consumer.
@@ -833,6 +837,7 @@ impl Default for LimitsConfig {
             subscriptions_per_connection_max: 100_000,
             history_messages_max: 128,
             sessions_per_shard_max: 2_000_000,
+            session_idle_ms: 1_800_000,
             connections_per_shard_max: 65_536,
             outbound_bytes_max: 16 << 20,
             outbound_frames_max: 65_536,

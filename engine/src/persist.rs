@@ -5,22 +5,23 @@
 //! - a message record's payload is `[tenant length: u8][tenant][client_msg_id: u64 LE]` followed
 //!   by the message's encoded DELIVER frame, exactly the bytes kept in memory history; the
 //!   desk's conversation events are in the session's seq order too, so they are message
-//!   records as well, holding a CONVERSATION_EVENT frame (client_msg_id 0). A restored frame
-//!   is re-encoded with the epoch it now belongs to;
+//!   records as well, holding a CONVERSATION_EVENT frame (client_msg_id 0);
 //! - a read-cursor record's payload is `[tenant length: u8][tenant][session length: u8][session]
 //!   [participant length: u8][participant]`, the cursor being the record's seq;
 //! - the conversation id is [`SessionKey::conversation_id`], a fixed-key hash: ids of different
 //!   sessions may collide, so every record names its session and restore goes by that name.
 //!
+//! Every session has an epoch of its own, chosen when it is created and written in each of
+//! its frames; a restore keeps it, so clients resume across restarts without a gap.
+//!
 //! It also owns the data directory's layout file: the shard count (sessions are placed by
-//! `hash % shards`, so a journal only makes sense with the count it was written with) and the
-//! epoch base that makes session epochs differ between two data directories.
+//! `hash % shards`, so a journal only makes sense with the count it was written with).
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use switchboard_protocol::{Frame, Limits, Text, HEADER_BYTES};
 
 use crate::journal::{DmaStorage, Journal, JournalError, RecordKind, StoredRecord};
@@ -77,9 +78,9 @@ fn take_text(bytes: &[u8], at: &mut usize) -> Result<Text, RestoreError> {
     std::str::from_utf8(text).map(Text::from).map_err(|_| RestoreError::Truncated)
 }
 
-/// A message record decoded: its session and the message (or conversation event) as history
-/// keeps it, in `epoch`.
-pub fn decode_message(record: &StoredRecord, epoch: u64) -> Result<(SessionKey, StoredMessage), RestoreError> {
+/// A message record decoded: its session, the epoch it was written in, and the message (or
+/// conversation event) as history keeps it.
+pub fn decode_message(record: &StoredRecord) -> Result<(SessionKey, u64, StoredMessage), RestoreError> {
     let payload = &record.payload[..];
     let mut at = 0;
     let tenant = take_text(payload, &mut at)?;
@@ -89,22 +90,29 @@ pub fn decode_message(record: &StoredRecord, epoch: u64) -> Result<(SessionKey, 
     let mut frame_bytes = BytesMut::from(&payload[at..]);
     let decoded = switchboard_protocol::decode(&mut frame_bytes, &Limits::default()).map_err(|error| RestoreError::Frame(error.to_string()))?;
     let Some(envelope) = decoded else { return Err(RestoreError::Truncated) };
-    // Re-encoded with the epoch it now belongs to (the same when nothing was lost).
-    let (session, sender_at, frame) = match envelope.frame {
-        Frame::Deliver(mut deliver) if deliver.seq == record.seq => {
-            deliver.epoch = epoch;
-            let sender_at = deliver_sender_at(&deliver.session, &deliver.sender);
-            (deliver.session.clone(), sender_at, Frame::Deliver(deliver))
+    let (session, epoch, sender_at) = match &envelope.frame {
+        Frame::Deliver(deliver) if deliver.seq == record.seq => {
+            (deliver.session.clone(), deliver.epoch, deliver_sender_at(&deliver.session, &deliver.sender))
         }
-        Frame::ConversationEvent(mut event) if event.seq == record.seq => {
-            event.epoch = epoch;
-            (event.session.clone(), (0, 0), Frame::ConversationEvent(event))
-        }
+        Frame::ConversationEvent(event) if event.seq == record.seq => (event.session.clone(), event.epoch, (0, 0)),
         _ => return Err(RestoreError::Mismatch),
     };
-    let frame = frame.to_bytes(0).map_err(|error| RestoreError::Frame(error.to_string()))?;
     let key = SessionKey { tenant, session };
-    Ok((key, StoredMessage::restored(record.seq, client_msg_id, sender_at, frame)))
+    Ok((key, epoch, StoredMessage::restored(record.seq, client_msg_id, sender_at, Bytes::copy_from_slice(&payload[at..]))))
+}
+
+/// `message` re-encoded in `epoch` (a restored session whose epoch had to change).
+fn in_epoch(message: StoredMessage, epoch: u64) -> Result<StoredMessage, RestoreError> {
+    let mut bytes = BytesMut::from(&message.frame[..]);
+    let decoded = switchboard_protocol::decode(&mut bytes, &Limits::default()).map_err(|error| RestoreError::Frame(error.to_string()))?;
+    let mut frame = decoded.ok_or(RestoreError::Truncated)?.frame;
+    match &mut frame {
+        Frame::Deliver(deliver) => deliver.epoch = epoch,
+        Frame::ConversationEvent(event) => event.epoch = epoch,
+        _ => return Err(RestoreError::Mismatch),
+    }
+    let encoded = frame.to_bytes(0).map_err(|error| RestoreError::Frame(error.to_string()))?;
+    Ok(message.with_frame(encoded))
 }
 
 /// A read-cursor record decoded: session, participant, cursor.
@@ -133,23 +141,29 @@ pub struct RestoreStats {
 }
 
 /// Rebuilds every session the journal retains: its newest `history_messages_max` messages,
-/// its head seq and its read cursors, in `epoch`. Reads each retained frame once.
+/// its head seq and its read cursors. Reads each retained frame once.
+///
+/// Each session keeps the epoch its messages were written in, so clients resume without a gap
+/// — unless `keep_epochs` is false (recovery found that acknowledged data may be missing) or a
+/// session's history spans several epochs: then it gets a new one from `fresh_epoch`, and its
+/// frames are re-encoded in it, so resuming clients are told `recovered = false`.
 pub async fn restore_sessions(
     journal: &Journal<DmaStorage>,
-    epoch: u64,
+    keep_epochs: bool,
+    fresh_epoch: &mut dyn FnMut() -> u64,
     history_messages_max: usize,
 ) -> Result<(Vec<(SessionKey, Session)>, RestoreStats), JournalError> {
     let read = journal.read_all_retained(history_messages_max).await?;
     let mut stats = RestoreStats { damaged_frames: u64::from(read.damaged_frames), ..RestoreStats::default() };
-    let mut messages: HashMap<SessionKey, Vec<StoredMessage>> = HashMap::new();
+    let mut messages: HashMap<SessionKey, Vec<(u64, StoredMessage)>> = HashMap::new();
     let mut cursors: HashMap<SessionKey, Vec<(Text, u64)>> = HashMap::new();
     for record in &read.records {
         let decoded = match record.kind {
-            RecordKind::Message => decode_message(record, epoch).map(|(key, message)| messages.entry(key).or_default().push(message)),
+            RecordKind::Message => decode_message(record).map(|(key, epoch, message)| messages.entry(key).or_default().push((epoch, message))),
             RecordKind::ReadCursor => {
                 decode_read_cursor(record).map(|(key, participant, seq)| cursors.entry(key).or_default().push((participant, seq)))
             }
-            // Conversation events are the desk's to restore.
+            // Conversation events are message records; this kind is not written.
             RecordKind::ConversationEvent => Ok(()),
         };
         if let Err(error) = decoded {
@@ -159,9 +173,27 @@ pub async fn restore_sessions(
     }
     let mut sessions = Vec::with_capacity(messages.len());
     for (key, mut history) in messages {
-        // Journal order is seq order within a session; a compaction copy may repeat a seq.
-        history.sort_by_key(|message| message.seq);
-        history.dedup_by_key(|message| message.seq);
+        // A compaction copy may repeat a seq; journal order is not seq order after compaction.
+        history.sort_by_key(|(_, message)| message.seq);
+        history.dedup_by_key(|(_, message)| message.seq);
+        let newest_epoch = history.last().map_or(0, |(epoch, _)| *epoch);
+        let one_epoch = history.iter().all(|(epoch, _)| *epoch == newest_epoch);
+        let (epoch, history) = if keep_epochs && one_epoch && newest_epoch != 0 {
+            (newest_epoch, history.into_iter().map(|(_, message)| message).collect::<Vec<_>>())
+        } else {
+            let epoch = fresh_epoch();
+            let mut moved = Vec::with_capacity(history.len());
+            for (_, message) in history {
+                match in_epoch(message, epoch) {
+                    Ok(message) => moved.push(message),
+                    Err(error) => {
+                        stats.records_skipped += 1;
+                        tracing::warn!(session = %key.session, %error, "journal record skipped");
+                    }
+                }
+            }
+            (epoch, moved)
+        };
         let head_seq = history.last().map_or(0, |message| message.seq);
         stats.messages += history.len().min(history_messages_max) as u64;
         let mut session = Session::restored(epoch, history_messages_max, head_seq, history);
@@ -183,9 +215,6 @@ const LAYOUT_FILE: &str = "LAYOUT.toml";
 pub struct Layout {
     /// Shards (each with a journal under `shard-N`).
     pub shards: usize,
-    /// Added to every journal epoch to form session epochs, chosen at random when the
-    /// directory is created: a wiped directory's sessions never reuse an old directory's epochs.
-    pub epoch_base: u64,
 }
 
 /// Why the data directory cannot be used.
@@ -222,7 +251,7 @@ pub enum LayoutError {
 }
 
 /// Opens (creating when absent) the data directory's layout for `shards` shards.
-pub fn open_layout(dir: &Path, shards: usize, fresh_epoch: u64) -> Result<Layout, LayoutError> {
+pub fn open_layout(dir: &Path, shards: usize) -> Result<Layout, LayoutError> {
     let io_error = |source| LayoutError::Io { dir: dir.to_path_buf(), source };
     std::fs::create_dir_all(dir).map_err(io_error)?;
     let path = dir.join(LAYOUT_FILE);
@@ -236,8 +265,7 @@ pub fn open_layout(dir: &Path, shards: usize, fresh_epoch: u64) -> Result<Layout
             Ok(layout)
         }
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
-            // Leave room for many epoch bumps before wrapping.
-            let layout = Layout { shards, epoch_base: fresh_epoch >> 8 << 8 };
+            let layout = Layout { shards };
             let text = toml::to_string(&layout).map_err(|error| LayoutError::Corrupt { dir: dir.to_path_buf(), reason: error.to_string() })?;
             let temp = dir.join(format!("{LAYOUT_FILE}.tmp"));
             std::fs::write(&temp, text).map_err(io_error)?;
@@ -253,9 +281,4 @@ pub fn open_layout(dir: &Path, shards: usize, fresh_epoch: u64) -> Result<Layout
 /// The journal directory of one shard.
 pub fn shard_dir(data_dir: &Path, shard: usize) -> PathBuf {
     data_dir.join(format!("shard-{shard}"))
-}
-
-/// A session epoch from a journal epoch.
-pub fn session_epoch(layout: &Layout, journal_epoch: u64) -> u64 {
-    layout.epoch_base.wrapping_add(journal_epoch).max(1)
 }

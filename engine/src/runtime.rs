@@ -146,7 +146,7 @@ pub fn start(config: Config) -> Result<EngineHandle, StartError> {
     let epoch = new_epoch();
     // With a journal, session epochs come from it (and survive restarts); the layout file
     // refuses a data directory written with another shard count.
-    let layout = if config.journal_enabled() { Some(persist::open_layout(&config.server.data_dir, shards, epoch)?) } else { None };
+    let layout = if config.journal_enabled() { Some(persist::open_layout(&config.server.data_dir, shards)?) } else { None };
     let clock = quanta::Clock::new();
 
     // The mesh: requests[i][j] and events[i][j] carry i → j, created once.
@@ -280,7 +280,7 @@ async fn run_shard(wiring: ShardWiring) {
     };
     let (journal, epoch, restored) = match wiring.layout {
         None => (None, wiring.epoch, Vec::new()),
-        Some(layout) => match open_journal(index, &wiring.config, &layout).await {
+        Some(_) => match open_journal(index, &wiring.config, wiring.epoch).await {
             Ok((journal, epoch, restored)) => (Some(journal), epoch, restored),
             Err(reason) => return fail(reason),
         },
@@ -328,6 +328,7 @@ async fn run_shard(wiring: ShardWiring) {
     }
     glommio::spawn_local(serve_control(shard.clone(), wiring.control_rx)).detach();
     glommio::spawn_local(shard.clone().sweep_idle()).detach();
+    glommio::spawn_local(shard.clone().sweep_sessions()).detach();
 
     wiring.listening.fetch_add(1, Ordering::SeqCst);
     let _ = wiring.started.send(Ok(index));
@@ -348,10 +349,14 @@ async fn run_shard(wiring: ShardWiring) {
 }
 
 /// Opens and recovers a shard's journal and rebuilds its sessions; the error is for the log.
+///
+/// Returns the journal, the epoch the shard's next new session gets (restored sessions that
+/// needed a new epoch took the ones before it, counting up from `start_epoch`), and the
+/// sessions.
 async fn open_journal(
     index: usize,
     config: &Config,
-    layout: &persist::Layout,
+    start_epoch: u64,
 ) -> Result<(Journal<DmaStorage>, u64, Vec<(crate::mesh::SessionKey, crate::session::Session)>), String> {
     let dir = persist::shard_dir(&config.server.data_dir, index);
     let started = std::time::Instant::now();
@@ -363,12 +368,20 @@ async fn open_journal(
     } else {
         tracing::info!(shard = index, "journal recovery: {}", report.to_string().trim_end());
     }
-    let epoch = persist::session_epoch(layout, journal.epoch());
     let history = config.limits.history_messages_max as usize;
-    let (sessions, stats) = persist::restore_sessions(&journal, epoch, history).await.map_err(|error| format!("journal {}: {error}", dir.display()))?;
+    let mut next_epoch = start_epoch;
+    let mut fresh_epoch = || {
+        let epoch = next_epoch;
+        next_epoch = next_epoch.wrapping_add(1).max(1);
+        epoch
+    };
+    let keep_epochs = !report.acked_may_be_missing;
+    let (sessions, stats) =
+        persist::restore_sessions(&journal, keep_epochs, &mut fresh_epoch, history).await.map_err(|error| format!("journal {}: {error}", dir.display()))?;
+    let epoch = next_epoch;
     tracing::info!(
         shard = index,
-        epoch,
+        keep_epochs,
         sessions = stats.sessions,
         messages = stats.messages,
         skipped = stats.records_skipped,

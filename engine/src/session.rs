@@ -38,6 +38,12 @@ impl StoredMessage {
     pub fn restored(seq: u64, client_msg_id: u64, sender_at: (u16, u8), frame: Bytes) -> StoredMessage {
         StoredMessage { seq, client_msg_id, sender_at, frame }
     }
+
+    /// The same message with its frame re-encoded (same layout up to the epoch field).
+    #[must_use]
+    pub fn with_frame(self, frame: Bytes) -> StoredMessage {
+        StoredMessage { frame, ..self }
+    }
 }
 
 /// Encodes the DELIVER frame of a new message (and journals it, when the session is durable);

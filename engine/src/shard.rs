@@ -65,6 +65,8 @@ struct OwnedSession {
     session: Session,
     /// Shards with at least one subscriber (this one included).
     interest: ShardSet,
+    /// When it was last published to or subscribed to, Unix milliseconds (the idle sweep).
+    last_active_ms: u64,
 }
 
 #[derive(Default)]
@@ -192,6 +194,8 @@ pub struct ShardCounters {
     pub session_limit_refusals_total: u64,
     /// PUBLISH frames refused because the journal could not take them.
     pub journal_refusals_total: u64,
+    /// Sessions dropped by the idle sweep.
+    pub sessions_dropped_idle_total: u64,
 }
 
 /// Everything one shard owns. Lives in an `Rc` on its executor.
@@ -204,7 +208,6 @@ pub struct Shard {
     pub config: Arc<Config>,
     /// Decoder limits derived from the configuration.
     pub limits: switchboard_protocol::Limits,
-    epoch: u64,
     pool: BufferPool,
     /// The io_uring sender all outbound bytes go through.
     pub sender: UringSender,
@@ -231,6 +234,8 @@ pub struct Shard {
     record_scratch: RefCell<Vec<u8>>,
     /// Tenants whose durability differs from `config.journal.durability`.
     tenant_durability: Vec<(String, DurabilityMode)>,
+    /// The epoch the next new session gets.
+    next_session_epoch: Cell<u64>,
     /// The customer-service side: desks of tenants hashed here, roles of local connections.
     desk: desk_host::DeskHost,
 }
@@ -298,7 +303,6 @@ impl Shard {
             shards,
             limits,
             config,
-            epoch,
             pool,
             sender,
             state: RefCell::new(ShardState::default()),
@@ -316,6 +320,7 @@ impl Shard {
             acks_wakeup: Wakeup::default(),
             record_scratch: RefCell::new(Vec::new()),
             tenant_durability,
+            next_session_epoch: Cell::new(epoch.max(1)),
         })
     }
 
@@ -323,7 +328,7 @@ impl Shard {
     pub fn restore(&self, sessions: Vec<(SessionKey, Session)>) {
         let mut state = self.state.borrow_mut();
         for (key, session) in sessions {
-            state.sessions.insert(key, OwnedSession { session, interest: ShardSet::default() });
+            state.sessions.insert(key, OwnedSession { session, interest: ShardSet::default(), last_active_ms: Self::now_us() / 1000 });
         }
     }
 
@@ -708,16 +713,67 @@ impl Shard {
 
     // ---- the owner's side ----
 
+    /// The session, created when new. A new session gets an epoch of its own, never handed
+    /// out before: a session dropped by the idle sweep and created again must not let a client
+    /// holding an old (epoch, seq) believe it resumed.
     fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey) -> Option<&'a mut OwnedSession> {
+        let now_ms = Self::now_us() / 1000;
         if !state.sessions.contains_key(key) {
             if state.sessions.len() >= self.config.limits.sessions_per_shard_max {
                 self.count(|c| c.session_limit_refusals_total += 1);
                 return None;
             }
-            let session = Session::new(self.epoch, self.config.limits.history_messages_max as usize);
-            state.sessions.insert(SessionKey::owned(&key.tenant, &key.session), OwnedSession { session, interest: ShardSet::default() });
+            let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
+            let owned = OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms };
+            state.sessions.insert(SessionKey::owned(&key.tenant, &key.session), owned);
         }
-        state.sessions.get_mut(key)
+        let owned = state.sessions.get_mut(key)?;
+        owned.last_active_ms = now_ms;
+        Some(owned)
+    }
+
+    /// A session epoch not used before: the shard's start epoch (time-based) counted up.
+    fn fresh_session_epoch(&self) -> u64 {
+        let epoch = self.next_session_epoch.get();
+        self.next_session_epoch.set(epoch.wrapping_add(1).max(1));
+        epoch
+    }
+
+    /// Drops sessions nobody subscribes to, with nothing waiting for the journal, idle for
+    /// `limits.session_idle_ms` (their memory, and their journal records' index entries so
+    /// the journal can reclaim them). Runs every quarter of that, until shutdown. A client
+    /// resuming a dropped session later is told `recovered = false` (the new session has a
+    /// new epoch).
+    pub(crate) async fn sweep_sessions(self: Rc<Self>) {
+        let idle_ms = self.config.limits.session_idle_ms;
+        if idle_ms == 0 {
+            return;
+        }
+        let every = Duration::from_millis((idle_ms / 4).clamp(10, 60_000));
+        while !self.shutdown.is_set() {
+            glommio::timer::Timer::new(every).await;
+            let cutoff_ms = (Self::now_us() / 1000).saturating_sub(idle_ms);
+            let mut dropped = Vec::new();
+            self.state.borrow_mut().sessions.retain(|key, owned| {
+                let idle = owned.interest == ShardSet::default()
+                    && owned.last_active_ms < cutoff_ms
+                    && owned.session.visible_seq() == owned.session.head_seq();
+                if idle {
+                    dropped.push(key.conversation_id());
+                }
+                !idle
+            });
+            if dropped.is_empty() {
+                continue;
+            }
+            self.count(|c| c.sessions_dropped_idle_total += dropped.len() as u64);
+            tracing::debug!(shard = self.index, sessions = dropped.len(), "idle sessions dropped");
+            if let Some(journal) = &self.journal {
+                for conversation in dropped {
+                    journal.forget_conversation(conversation);
+                }
+            }
+        }
     }
 
     fn owner_publish(&self, origin: usize, request: &PublishRequest) {

@@ -47,12 +47,14 @@ fn acknowledged_messages_survive_a_graceful_restart_with_the_same_epoch() {
         let mut publisher = Raw::handshake(addr);
         let mut watcher = Raw::handshake(addr);
         watcher.subscribe("conv-0", ResumeFrom::Live);
-        let mut epoch = 0;
+        // Every session has its own epoch.
+        let mut epochs = [0; 4];
         for round in 1..=20_u64 {
             for session in 0..4 {
                 let ack = publisher.publish(&format!("conv-{session}"), round * 10 + session, format!("{session}:{round}").as_bytes());
                 assert_eq!((ack.seq, ack.durability, ack.duplicate), (round, wire, false), "{mode:?}");
-                epoch = ack.epoch;
+                assert!(epochs[session as usize] == 0 || epochs[session as usize] == ack.epoch, "a session's epoch moved");
+                epochs[session as usize] = ack.epoch;
             }
         }
         // A subscriber sees only acknowledged messages, in order.
@@ -68,7 +70,7 @@ fn acknowledged_messages_survive_a_graceful_restart_with_the_same_epoch() {
 
         let engine = common::start(common::durable_config(shards, dir.path(), mode));
         let addr = engine.data_addr();
-        for session in 0..4 {
+        for (session, &epoch) in epochs.iter().enumerate() {
             let (subscribed, messages) = read_session(addr, &format!("conv-{session}"), ResumeFrom::After { epoch, seq: 12 });
             assert_eq!((subscribed.epoch, subscribed.head_seq, subscribed.recovered), (epoch, 20, true), "{mode:?} {shards} shards");
             let expected: Vec<_> = (13..=20).map(|round| (epoch, round, format!("{session}:{round}").into_bytes())).collect();
@@ -191,7 +193,8 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
     let data_dir = dir.path().join("data");
     // session → (epoch, seq) → payload, for every PUBACK received.
     let mut acked: BTreeMap<String, BTreeMap<u64, Vec<u8>>> = BTreeMap::new();
-    let mut epoch = None;
+    // session → its epoch, which no crash in sync mode may move.
+    let mut epochs: BTreeMap<String, u64> = BTreeMap::new();
     // A subscriber's position, carried across crashes.
     let mut watched: Option<Position> = None;
     let shards = 2;
@@ -230,7 +233,7 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
             let ack = handle.wait().expect("the engine is alive: every publish is acknowledged");
             assert_eq!(ack.durability, Durability::Sync);
             assert!(!ack.duplicate);
-            *epoch.get_or_insert(ack.epoch) = ack.epoch;
+            assert_eq!(*epochs.entry(session.clone()).or_insert(ack.epoch), ack.epoch, "round {round}: {session}'s epoch moved");
             assert!(acked.entry(session).or_default().insert(ack.seq, payload).is_none(), "seq {} acknowledged twice", ack.seq);
             acks_this_round += 1;
         }
@@ -251,10 +254,9 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
 
     // After the last crash: every acknowledged message is there, once, in order, with its seq.
     let engine = Engine::spawn(&data_dir, &config, shards, "127.0.0.1:0");
-    let epoch = epoch.unwrap();
     for (session, messages) in &acked {
         let (subscribed, stored) = read_session(engine.data, session, ResumeFrom::Earliest);
-        assert_eq!(subscribed.epoch, epoch, "{session}: epoch moved although only unacknowledged tails were cut");
+        assert_eq!(subscribed.epoch, epochs[session], "{session}: epoch moved although only unacknowledged tails were cut");
         let seqs: Vec<u64> = stored.iter().map(|m| m.1).collect();
         assert_eq!(seqs, (1..=subscribed.head_seq).collect::<Vec<_>>(), "{session}: seqs not consecutive from 1");
         for (seq, payload) in messages {

@@ -174,3 +174,30 @@ fn one_connection_gets_a_hundred_thousand_acks_in_order() {
     sending.join().unwrap();
     engine.shutdown();
 }
+
+/// A session nobody subscribes to or publishes to is dropped after `session_idle_ms`; coming
+/// back to it starts a new epoch, so an old position is not mistaken for a resume.
+#[test]
+fn an_idle_session_is_dropped_and_comes_back_in_a_new_epoch() {
+    let mut config = test_config(2);
+    config.limits.session_idle_ms = 100;
+    let engine = start(config);
+    let mut raw = Raw::handshake(engine.data_addr());
+    let first = raw.publish("idle", 0, b"before");
+    // A session with a subscriber is never dropped, however long it waits.
+    let mut watcher = Raw::handshake(engine.data_addr());
+    watcher.subscribe("watched", ResumeFrom::Live);
+    let watched = raw.publish("watched", 0, b"kept");
+    let deadline = std::time::Instant::now() + common::EXPECT_TIMEOUT;
+    while common::metric_sum(&common::http_get(engine.control_addr(), "/metrics").1, "switchboard_sessions_dropped_idle_total") == 0 {
+        assert!(std::time::Instant::now() < deadline, "the idle session was never dropped");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let resumed = raw.subscribe("idle", ResumeFrom::After { epoch: first.epoch, seq: first.seq });
+    assert!(!resumed.recovered, "{resumed:?}");
+    assert_ne!(resumed.epoch, first.epoch);
+    assert_eq!(resumed.head_seq, 0);
+    let kept = raw.subscribe("watched", ResumeFrom::After { epoch: watched.epoch, seq: 0 });
+    assert!(kept.recovered && kept.head_seq == 1 && kept.epoch == watched.epoch, "{kept:?}");
+    engine.shutdown();
+}
