@@ -314,6 +314,12 @@ pub struct CsSettings {
     pub drain_s: f64,
     /// Engine PID, for its CPU.
     pub server_pid: Option<u32>,
+    /// CPU the engine is pinned to (for the per-CPU saturation note).
+    #[serde(default)]
+    pub server_cpu: Option<usize>,
+    /// CPU the generators are pinned to.
+    #[serde(default)]
+    pub generator_cpu: Option<usize>,
 }
 
 impl Default for CsSettings {
@@ -331,6 +337,8 @@ impl Default for CsSettings {
             tick_us: 1000,
             drain_s: 5.0,
             server_pid: None,
+            server_cpu: None,
+            generator_cpu: None,
         }
     }
 }
@@ -418,6 +426,10 @@ pub struct CsReport {
     pub pubsub_generator_cores: f64,
     /// Whole-machine CPU (other load = noise).
     pub machine: MachineStats,
+    /// Busy cores of each CPU over the window (user+nice+system+steal, all processes): shows
+    /// whether the engine's or the generators' core was saturated.
+    #[serde(default)]
+    pub cpu_busy: Vec<f64>,
     /// The pub/sub loadgen report, when it ran.
     pub pubsub: Option<Report>,
     /// Marginal server CPU per conversation: (this run's server cores − the `pubsub-only`
@@ -488,9 +500,9 @@ impl CsSuite {
         let _ = writeln!(o, "Open → Offered: from the OPEN_CONVERSATION's intended send time to the Offered notification on the agent's connection (µs).\n");
         let _ = writeln!(
             o,
-            "| run | conv/s | pub/s | offered p50 | p99 | p99.9 | max | open→OK p99 | opened | offered | accepted | closed | lost/err/double/unexp/overcap | server CPU | ns CPU/conv (all) | ns CPU/conv (marginal) |"
+            "| run | conv/s | pub/s | offered p50 | p99 | p99.9 | max | open→OK p99 | opened | offered | accepted | closed | lost/err/double/unexp/overcap | server CPU | ns CPU/conv (all) | ns CPU/conv (marginal) | RSS end MiB |"
         );
-        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in &self.runs {
             let c = &r.counts;
             let srv = r.server.as_ref();
@@ -512,7 +524,12 @@ impl CsSuite {
             );
             let last = o.pop();
             debug_assert_eq!(last, Some('\n'));
-            let _ = writeln!(o, " {} |", r.marginal_cpu_ns_per_conversation.map_or_else(|| "-".into(), |v| format!("{v:.0}")));
+            let _ = writeln!(
+                o,
+                " {} | {} |",
+                r.marginal_cpu_ns_per_conversation.map_or_else(|| "-".into(), |v| format!("{v:.0}")),
+                srv.and_then(|s| s.rss_end_kb).map_or_else(|| "-".into(), |k| format!("{:.0}", k as f64 / 1024.0))
+            );
         }
         let with_pubsub: Vec<&CsReport> = self.runs.iter().filter(|r| r.pubsub.is_some()).collect();
         if !with_pubsub.is_empty() {
@@ -543,7 +560,13 @@ impl CsSuite {
         let mut notes = Vec::new();
         for r in &self.runs {
             if r.machine.noisy {
-                notes.push(format!("{}: noisy, other processes used {:.2} cores", r.name, r.machine.other_cores));
+                let per_cpu: Vec<String> = r.cpu_busy.iter().enumerate().map(|(i, b)| format!("CPU {i} {:.0} %", b * 100.0)).collect();
+                notes.push(format!(
+                    "{}: noisy, other processes used {:.2} cores{}",
+                    r.name,
+                    r.machine.other_cores,
+                    if per_cpu.is_empty() { String::new() } else { format!(" (busy: {})", per_cpu.join(", ")) }
+                ));
             }
             for n in &r.notes {
                 notes.push(format!("{}: {n}", r.name));
@@ -720,7 +743,7 @@ mod tests {
         assert!((m(2).unwrap() - 50_000.0).abs() < 1e-6, "{:?}", m(2));
         let md = s.markdown();
         assert!(md.contains("| combined | 2000 | 0 |"), "{md}");
-        assert!(md.contains("| 35.0 % | 175000 | 50000 |"), "{md}");
+        assert!(md.contains("| 35.0 % | 175000 | 50000 | - |"), "{md}");
         assert!(md.contains("| pubsub-only | 0 |"), "{md}");
     }
 }

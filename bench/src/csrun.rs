@@ -686,8 +686,26 @@ impl Drop for PubsubChild {
 
 // ---- the run ----
 
-#[derive(Clone, Copy)]
+/// Busy clock ticks (user, nice, system, steal, as [`procstat::parse_proc_stat_busy`]) of each
+/// CPU, in CPU order, from the text of /proc/stat.
+pub fn parse_per_cpu_busy(stat: &str) -> Vec<u64> {
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .filter_map(|l| {
+            let v: Vec<u64> = l.split_ascii_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+            (v.len() >= 8).then(|| v[0] + v[1] + v[2] + v[7])
+        })
+        .collect()
+}
+
+fn per_cpu_busy_ns() -> Vec<u64> {
+    let ns = 1_000_000_000 / procstat::clk_tck();
+    std::fs::read_to_string("/proc/stat").map(|s| parse_per_cpu_busy(&s).into_iter().map(|t| t * ns).collect()).unwrap_or_default()
+}
+
+#[derive(Clone)]
 struct Snap {
+    per_cpu: Vec<u64>,
     at: u64,
     own_cpu: u64,
     server_cpu: Option<u64>,
@@ -697,6 +715,7 @@ struct Snap {
 
 fn snap(server: Option<u32>, child: Option<u32>) -> Snap {
     Snap {
+        per_cpu: per_cpu_busy_ns(),
         at: clock::now_ns(),
         own_cpu: procstat::own_cpu_ns(),
         server_cpu: server.and_then(|p| procstat::cpu_ns(p).ok()),
@@ -885,7 +904,19 @@ pub fn run(name: &str, st: &CsSettings, secret: &str, pubsub: Option<&PubsubSpec
         }
         None => MachineStats::default(),
     };
+    let cpu_busy: Vec<f64> = a.per_cpu.iter().zip(&b.per_cpu).map(|(x, y)| y.saturating_sub(*x) as f64 / window_ns as f64).collect();
     let mut notes = Vec::new();
+    for (what, cpu) in [("engine", st.server_cpu), ("generators", st.generator_cpu)] {
+        if let Some(busy) = cpu.and_then(|c| cpu_busy.get(c)) {
+            if *busy > 0.9 {
+                notes.push(format!(
+                    "CPU {} ({what}) was {:.0} % busy, all processes counted: latencies include waiting for it",
+                    cpu.unwrap_or_default(),
+                    busy * 100.0
+                ));
+            }
+        }
+    }
     let wake = wake_lag.percentiles();
     let opens_per_s = in_window as f64 / ((tl.w1 - tl.w0) as f64 / 1e9);
     if st.rate > 0.0 && opens_per_s < st.rate * 0.97 {
@@ -918,6 +949,7 @@ pub fn run(name: &str, st: &CsSettings, secret: &str, pubsub: Option<&PubsubSpec
         generator_cores,
         pubsub_generator_cores,
         machine,
+        cpu_busy,
         pubsub: pubsub_report,
         marginal_cpu_ns_per_conversation: None,
         errors,
@@ -936,6 +968,13 @@ pub fn write_engine_config(dir: &Path, secret: &str, desk: &DeskKnobs) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_cpu_busy_parses() {
+        let stat = "cpu  10 1 5 100 3 0 2 4 0 0\ncpu0 4 0 2 50 1 0 1 1 0 0\ncpu1 6 1 3 50 2 0 1 3 0 0\nintr 5\ncpufreq x\n";
+        assert_eq!(parse_per_cpu_busy(stat), vec![7, 13]);
+        assert!(parse_per_cpu_busy("cpu0 1 2\n").is_empty());
+    }
 
     #[test]
     fn the_engine_accepts_the_config_and_the_tokens() {

@@ -189,6 +189,8 @@ fn main() {
         };
         st.addr.clone_from(&server.addr);
         st.server_pid = Some(server.pid());
+        st.server_cpu = pin.then_some(a.server_cpu);
+        st.generator_cpu = pin.then_some(a.generator_cpu);
         let pubsub = with_pubsub.then(|| PubsubSpec {
             loadgen: loadgen.clone(),
             rate: pubsub_rate,
