@@ -95,15 +95,19 @@ pub struct DeskKnobs {
     pub conversations_max: usize,
     /// Conversations waiting in one queue.
     pub queue_length_max: usize,
+    /// The engine's `limits.sessions_per_shard_max`, when not its default (every conversation
+    /// is a session).
+    pub sessions_per_shard_max: Option<usize>,
 }
 
 /// The engine configuration (TOML) of a run: memory only, one tenant [`TENANT`] with one key,
 /// least-load routing over one default queue. Addresses, shards and the data directory come
 /// from the command line.
 pub fn engine_config(secret: &str, desk: &DeskKnobs) -> String {
+    let limits = desk.sessions_per_shard_max.map_or_else(String::new, |n| format!("[limits]\nsessions_per_shard_max = {n}\n\n"));
     format!(
         r#"# Written by csload for one run.
-[journal]
+{limits}[journal]
 durability = "none"
 
 [desk]
@@ -957,6 +961,40 @@ pub fn run(name: &str, st: &CsSettings, secret: &str, pubsub: Option<&PubsubSpec
     })
 }
 
+/// The engine log's WARN and ERROR lines (colour codes removed): how many, and the first few.
+pub fn log_warnings(path: &Path, keep: usize) -> (usize, Vec<String>) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut n = 0;
+    let mut first = Vec::new();
+    for line in text.lines() {
+        let plain = strip_ansi(line);
+        if plain.contains(" WARN ") || plain.contains(" ERROR ") {
+            n += 1;
+            if first.len() < keep {
+                first.push(plain.trim().to_string());
+            }
+        }
+    }
+    (n, first)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' && it.peek() == Some(&'[') {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Write the engine configuration for a run into `dir` and return its path.
 pub fn write_engine_config(dir: &Path, secret: &str, desk: &DeskKnobs) -> io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
@@ -970,6 +1008,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn engine_log_warnings_are_counted_without_colours() {
+        let p = std::env::temp_dir().join(format!("csload-log-test-{}.log", std::process::id()));
+        std::fs::write(&p, "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m ready\n\u{1b}[2m2026\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m \u{1b}[2mswitchboard::shard\u{1b}[0m conversation event dropped\nx ERROR y\nplain WARN z\n").unwrap();
+        let (n, first) = log_warnings(&p, 1);
+        assert_eq!(n, 3);
+        assert_eq!(first, vec!["2026  WARN switchboard::shard conversation event dropped".to_string()]);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
     fn per_cpu_busy_parses() {
         let stat = "cpu  10 1 5 100 3 0 2 4 0 0\ncpu0 4 0 2 50 1 0 1 1 0 0\ncpu1 6 1 3 50 2 0 1 3 0 0\nintr 5\ncpufreq x\n";
         assert_eq!(parse_per_cpu_busy(stat), vec![7, 13]);
@@ -981,7 +1029,7 @@ mod tests {
         let secret = run_secret();
         assert_eq!(secret.len(), 64);
         assert_ne!(secret, run_secret());
-        let knobs = DeskKnobs { offer_timeout_ms: 30_000, agents_max: 10_000, conversations_max: 100_000, queue_length_max: 10_000 };
+        let knobs = DeskKnobs { offer_timeout_ms: 30_000, agents_max: 10_000, conversations_max: 100_000, queue_length_max: 10_000, sessions_per_shard_max: None };
         let dir = std::env::temp_dir().join(format!("csload-config-test-{}", std::process::id()));
         let path = write_engine_config(&dir, &secret, &knobs).unwrap();
         let config = switchboard::config::Config::from_file(&path).expect("the engine parses the config");
@@ -996,6 +1044,11 @@ mod tests {
             assert_eq!(id.tenant.as_str(), TENANT);
         }
         assert!(auth.verify(&token("another-secret-0123456789abcdef0123456789", "gateway", "x").unwrap()).is_err());
+        let limited = DeskKnobs { sessions_per_shard_max: Some(5000), ..knobs };
+        let path = write_engine_config(&dir, &secret, &limited).unwrap();
+        let config = switchboard::config::Config::from_file(&path).expect("the engine parses the config");
+        config.validate().expect("the engine accepts the config");
+        assert_eq!(config.limits.sessions_per_shard_max, 5000);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,7 +23,7 @@ fn engine(tag: &str, secret: &str) -> Option<RunningServer> {
         return None;
     };
     let dir = std::env::temp_dir().join(format!("csload-test-{tag}-{}", std::process::id()));
-    let knobs = DeskKnobs { offer_timeout_ms: 30_000, agents_max: 10_000, conversations_max: 100_000, queue_length_max: 10_000 };
+    let knobs = DeskKnobs { offer_timeout_ms: 30_000, agents_max: 10_000, conversations_max: 100_000, queue_length_max: 10_000, sessions_per_shard_max: None };
     let cfg = csrun::write_engine_config(&dir, secret, &knobs).unwrap();
     let mut spec = ServerSpec::new("switchboard", bin);
     spec.extra_args = vec!["--config".into(), cfg.display().to_string()];

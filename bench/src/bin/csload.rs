@@ -67,6 +67,10 @@ struct Args {
     /// The engine's offer accept timeout, ms.
     #[arg(long, default_value_t = 30_000)]
     offer_timeout_ms: u64,
+    /// The engine's `limits.sessions_per_shard_max` (default: the engine's); every conversation
+    /// is a session.
+    #[arg(long)]
+    sessions_per_shard_max: Option<usize>,
     /// The switchboard binary (default: next to this one).
     #[arg(long)]
     switchboard_bin: Option<PathBuf>,
@@ -158,6 +162,7 @@ fn main() {
         agents_max: (base.agents as usize).max(10_000),
         conversations_max: 100_000,
         queue_length_max: 10_000,
+        sessions_per_shard_max: a.sessions_per_shard_max,
     };
     let mut suite = CsSuite {
         host,
@@ -207,6 +212,10 @@ fn main() {
             rep.errors.insert(0, format!("the engine exited during the run ({status}): {why}"));
         }
         drop(server);
+        let (warnings, first) = csrun::log_warnings(&log, 3);
+        if warnings > 0 {
+            rep.notes.push(format!("engine log: {warnings} WARN/ERROR line(s), first: {}", first.join(" / ")));
+        }
         let c = &rep.counts;
         println!(
             "{:>6.0} conv/s  offered p50 {:>6.0} µs  p99 {:>7.0} µs  p99.9 {:>7.0} µs  opened/offered/accepted/closed {}/{}/{}/{}  anomalies {}  server CPU {}{}",
