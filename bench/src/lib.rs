@@ -26,10 +26,15 @@
 //! - [`fsync`]: the disk's own fdatasync latency, written like the journal.
 //! - [`durable`]: issue 6's suite (fdatasync baseline, durable latency, throughput against
 //!   publisher connections) and its markdown tables.
+//! - [`cs`]: issue 5's customer-service scenario, sans-IO: per-conversation accounting
+//!   (opened, offered, accepted, closed, lost, doubled), client-side agent loads, the report
+//!   and its tables; [`csrun`]: its generator (agents online over gateway connections, paced
+//!   conversation opens, accept at once, close after a hold, `loadgen` alongside).
 //!
 //! Binaries: `loadgen` (one run; `--ack` for acknowledgements), `compare` (the matrix against
 //! nats-server, redis-server and switchboard), `plot` (re-plot a saved comparison),
-//! `fsync_probe` (the disk alone), `durable` (the durable suite).
+//! `fsync_probe` (the disk alone), `durable` (the durable suite), `csload` (conversations
+//! under pub/sub load).
 
 // Figures are counts and nanoseconds turned into rates and microseconds: the f64 conversions
 // are on purpose and far from the 2^52 where they would round.
@@ -41,6 +46,8 @@ pub mod ackrun;
 pub mod backend;
 pub mod clock;
 pub mod compare;
+pub mod cs;
+pub mod csrun;
 pub mod durable;
 pub mod fsync;
 pub mod latency;
