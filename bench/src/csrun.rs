@@ -1037,7 +1037,7 @@ mod tests {
         assert_eq!(config.tenants.len(), 1);
         assert_eq!(config.tenants[0].id, TENANT);
         assert_eq!(config.journal.durability, switchboard::config::DurabilityMode::None);
-        assert_eq!(config.desk.offer_timeout_ms, 30_000);
+        assert_eq!(config.desk.policy.offer_timeout_ms, 30_000);
         let auth = switchboard::auth::Authenticator::new(&config.tenants, config.auth.leeway_s).expect("tenants configured");
         for role in ["gateway", "agent", "customer", "supervisor"] {
             let id = auth.verify(&token(&secret, role, "x.1").unwrap()).unwrap_or_else(|e| panic!("{role}: {e:?}"));
