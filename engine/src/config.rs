@@ -752,6 +752,9 @@ pub struct LimitsConfig {
     /// from memory and from the journal's index (retention by age), in milliseconds; a client
     /// resuming it later is told `recovered = false`. 0 = never.
     pub session_idle_ms: u64,
+    /// The same for a session whose conversation ended (CLOSED or ABANDONED), in milliseconds:
+    /// kept this long for late readers, then dropped. 0 = only `session_idle_ms` applies.
+    pub closed_session_linger_ms: u64,
     /// Most connections one shard serves.
     pub connections_per_shard_max: usize,
     /// Outbound bytes buffered per connection before it is a slow consumer.
@@ -838,6 +841,7 @@ impl Default for LimitsConfig {
             history_messages_max: 128,
             sessions_per_shard_max: 2_000_000,
             session_idle_ms: 1_800_000,
+            closed_session_linger_ms: 60_000,
             connections_per_shard_max: 65_536,
             outbound_bytes_max: 16 << 20,
             outbound_frames_max: 65_536,

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use switchboard_protocol::{
-    Deliver, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
+    ConversationEventKind, Deliver, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
     Typing,
 };
 
@@ -67,6 +67,9 @@ struct OwnedSession {
     interest: ShardSet,
     /// When it was last published to or subscribed to, Unix milliseconds (the idle sweep).
     last_active_ms: u64,
+    /// Its conversation ended (a CLOSED or ABANDONED event): the idle sweep drops it after
+    /// `limits.closed_session_linger_ms` instead of `limits.session_idle_ms`.
+    ended: bool,
 }
 
 #[derive(Default)]
@@ -328,7 +331,7 @@ impl Shard {
     pub fn restore(&self, sessions: Vec<(SessionKey, Session)>) {
         let mut state = self.state.borrow_mut();
         for (key, session) in sessions {
-            state.sessions.insert(key, OwnedSession { session, interest: ShardSet::default(), last_active_ms: Self::now_us() / 1000 });
+            state.sessions.insert(key, OwnedSession { session, interest: ShardSet::default(), last_active_ms: Self::now_us() / 1000, ended: false });
         }
     }
 
@@ -724,7 +727,7 @@ impl Shard {
                 return None;
             }
             let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
-            let owned = OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms };
+            let owned = OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false };
             state.sessions.insert(SessionKey::owned(&key.tenant, &key.session), owned);
         }
         let owned = state.sessions.get_mut(key)?;
@@ -745,18 +748,20 @@ impl Shard {
     /// resuming a dropped session later is told `recovered = false` (the new session has a
     /// new epoch).
     pub(crate) async fn sweep_sessions(self: Rc<Self>) {
-        let idle_ms = self.config.limits.session_idle_ms;
-        if idle_ms == 0 {
-            return;
-        }
-        let every = Duration::from_millis((idle_ms / 4).clamp(10, 60_000));
+        let limits = &self.config.limits;
+        let (idle_ms, linger_ms) = (limits.session_idle_ms, limits.closed_session_linger_ms);
+        let shortest_ms = [idle_ms, linger_ms].into_iter().filter(|&ms| ms > 0).min();
+        let Some(shortest_ms) = shortest_ms else { return };
+        let every = Duration::from_millis((shortest_ms / 4).clamp(10, 60_000));
         while !self.shutdown.is_set() {
             glommio::timer::Timer::new(every).await;
-            let cutoff_ms = (Self::now_us() / 1000).saturating_sub(idle_ms);
+            let now_ms = Self::now_us() / 1000;
             let mut dropped = Vec::new();
             self.state.borrow_mut().sessions.retain(|key, owned| {
-                let idle = owned.interest == ShardSet::default()
-                    && owned.last_active_ms < cutoff_ms
+                let after_ms = if owned.ended { linger_ms } else { idle_ms };
+                let idle = after_ms > 0
+                    && owned.interest == ShardSet::default()
+                    && owned.last_active_ms.saturating_add(after_ms) < now_ms
                     && owned.session.visible_seq() == owned.session.head_seq();
                 if idle {
                     dropped.push(key.conversation_id());
@@ -1015,6 +1020,9 @@ impl Shard {
         let journal = self.durability_of(&key.tenant).journal().zip(self.journal.as_ref());
         let mut state = self.state.borrow_mut();
         let Some(owned) = self.session_mut(&mut state, key) else { return false };
+        if let Frame::ConversationEvent(event) = &frame {
+            owned.ended = matches!(event.kind, ConversationEventKind::Closed | ConversationEventKind::Abandoned);
+        }
         let timestamp_us = Self::now_us();
         let mut ticket = None;
         let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {

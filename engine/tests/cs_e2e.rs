@@ -513,3 +513,35 @@ fn rate_limits_answer_rate_limited_and_the_connection_carries_on() {
     }
     engine.shutdown();
 }
+
+#[test]
+fn an_ended_conversation_is_dropped_after_its_linger() {
+    let mut config = config(1, short_desk(), None);
+    config.limits.session_idle_ms = 0;
+    config.limits.closed_session_linger_ms = 100;
+    let engine = common::start(config);
+    let addr = engine.data_addr();
+    let mut cus = Client::connect(addr, "acme", "customer", "cus-1");
+    let mut ann = Client::connect(addr, "acme", "agent", "ann");
+    cus.request_ok(&open("conv-1", "cus-1"));
+    cus.request_ok(&open("conv-2", "cus-1"));
+    ann.request_ok(&online("ann", 2));
+    for session in ["conv-1", "conv-2"] {
+        ann.notification(session, Kind::Offered);
+        ann.request_ok(&respond(session, "ann", true));
+    }
+    ann.request_ok(&close("conv-1", "resolved"));
+    drop((cus, ann));
+    let dropped = || common::metric_sum(&common::http_get(engine.control_addr(), "/metrics").1, "switchboard_sessions_dropped_idle_total");
+    let deadline = std::time::Instant::now() + common::EXPECT_TIMEOUT;
+    while dropped() == 0 {
+        assert!(std::time::Instant::now() < deadline, "the ended conversation's session was never dropped");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Only the ended one: the open conversation's session stays (session_idle_ms = 0).
+    assert_eq!(dropped(), 1);
+    let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
+    assert_eq!(sup.subscribe("conv-2", ResumeFrom::Earliest).head_seq, 4, "conv-2 kept its stream");
+    assert_eq!(sup.subscribe("conv-1", ResumeFrom::Earliest).head_seq, 0, "conv-1 was dropped");
+    engine.shutdown();
+}
