@@ -177,6 +177,11 @@ pub struct AgentTable {
     by_skill: Vec<BTreeSet<u128>>,
     /// Skill name → interned id (never forgotten: bounded by `agents_max` × `SKILLS_MAX`).
     skill_ids: HashMap<Text, u32>,
+    /// Agents whose availability or skills changed, oldest first, for routers that keep their
+    /// own index of available agents ([`AgentTable::changes_since`]); cleared when long.
+    changes: Vec<AgentKey>,
+    /// The position of `changes[0]` since the table was made.
+    changes_base: u64,
     agents_max: usize,
 }
 
@@ -190,6 +195,8 @@ impl AgentTable {
             by_load: BTreeSet::new(),
             by_skill: Vec::new(),
             skill_ids: HashMap::new(),
+            changes: Vec::new(),
+            changes_base: 0,
             agents_max,
         }
     }
@@ -304,8 +311,33 @@ impl AgentTable {
         })
     }
 
+    /// The position after the last change (see [`AgentTable::changes_since`]).
+    pub(crate) fn changes_end(&self) -> u64 {
+        self.changes_base + self.changes.len() as u64
+    }
+
+    /// The agents whose availability or skills changed since position `from` (an agent may
+    /// appear more than once), or `None` when that part of the log was dropped: then the
+    /// caller must look at every agent again.
+    pub(crate) fn changes_since(&self, from: u64) -> Option<&[AgentKey]> {
+        let start = usize::try_from(from.checked_sub(self.changes_base)?).ok()?;
+        self.changes.get(start..)
+    }
+
+    fn log_change(&mut self, key: AgentKey) {
+        if self.changes.len() >= 4 * self.agents.len() + 1024 {
+            self.changes_base += self.changes.len() as u64;
+            self.changes.clear();
+        }
+        self.changes.push(key);
+    }
+
     /// Re-files the agent in the available and least-load sets after a change.
     fn refresh(&mut self, key: AgentKey) {
+        let was_available = self.agents[key.0 as usize].load_key.is_some();
+        if was_available != self.agents[key.0 as usize].is_available() {
+            self.log_change(key);
+        }
         let AgentTable { agents, available, by_load, by_skill, .. } = self;
         let agent = &mut agents[key.0 as usize];
         let order = agent.is_available().then(|| load_order(key, agent));
@@ -364,6 +396,7 @@ impl AgentTable {
         agent.skills = skills;
         agent.skill_ids = ids;
         agent.connected = true;
+        self.log_change(key);
         self.refresh(key);
     }
 

@@ -10,7 +10,7 @@
 //! offered first" holds: `pick` returns one of the candidates whenever there is any. Who may be
 //! chosen is the business of `eligible`, not of `pick`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use switchboard_protocol::Text;
 
@@ -435,9 +435,8 @@ impl RouteQuery<'_> {
 ///   rarest skill asked for) that passes the checks — cost: the agents skipped;
 /// - affinity: the last agent when it is a candidate (one lookup), else the fallback;
 /// - business hours: a gate on opening (`open_at`), routing by the inner strategy;
-/// - weighted round-robin: nginx's smooth WRR, which by definition moves the counter of every
-///   candidate on each pick, so it visits each candidate once, with weights resolved per agent
-///   key (no hashing).
+/// - weighted round-robin: nginx's smooth WRR with the counters kept lazily per class of agents
+///   (see [`WrrRouter`]): cost about the classes × distinct weights, not the candidates.
 #[derive(Debug)]
 pub(crate) enum Router {
     LeastLoad,
@@ -473,67 +472,233 @@ impl Router {
     }
 }
 
-/// [`WeightedRoundRobin`] for the desk: the same counters and choices, weights by agent key.
+/// [`WeightedRoundRobin`] for the desk: the same counters and the same choices, kept so that a
+/// pick costs about the number of agent *classes* rather than the number of candidates.
+///
+/// Smooth WRR adds each candidate's weight to its counter on every pick. Candidates of a pick
+/// are the active agents (available, weight > 0) having the queue's skills, less the few that
+/// declined. So active agents are grouped into classes by which of the queues' skill sets
+/// (`reqs`, those routed so far) they have; a pick for a queue adds 1 to the `offset` of every
+/// class having that queue's set, and an agent's counter is `value + weight × offset` of its
+/// class. Inside a class, agents of one weight keep their order by `value` as offsets move, so
+/// each (class, weight) group is a sorted set and the pick looks only at the head of each
+/// (declined agents skipped, their counters corrected one by one). An agent leaving or
+/// entering the active set (availability, skills) is re-filed from the table's change log.
 #[derive(Debug)]
 pub(crate) struct WrrRouter {
     weights: HashMap<Text, u32>,
     default_weight: u32,
     /// Weight per agent key, resolved once (an agent keeps its key and id for the desk's life).
     by_key: Vec<u32>,
-    /// Current value per agent key.
-    current: Vec<i64>,
+    /// Per agent key: its class while active, else `None`.
+    class_of: Vec<Option<u32>>,
+    /// Per agent key: `value` while active (counter = value + weight × class offset), else the
+    /// counter itself.
+    value: Vec<i128>,
+    /// Queue skill sets seen (interned ids, sorted); a class is a subset of their indexes.
+    reqs: Vec<Vec<u32>>,
+    classes: Vec<WrrClass>,
+    class_by_sig: HashMap<Vec<u16>, u32>,
+    /// How far the table's change log has been read.
+    synced_to: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct WrrClass {
+    /// Indexes into `reqs` of the skill sets its agents have, sorted.
+    sig: Vec<u16>,
+    offset: i128,
+    /// Summed weight of its agents.
+    weight_sum: i128,
+    /// Per weight: its agents by (value descending, key).
+    groups: BTreeMap<u32, BTreeSet<(std::cmp::Reverse<i128>, u32)>>,
 }
 
 impl WrrRouter {
     fn new(weights: &[(Text, u32)], default_weight: u32) -> WrrRouter {
-        WrrRouter { weights: weights.iter().cloned().collect(), default_weight, by_key: Vec::new(), current: Vec::new() }
+        WrrRouter {
+            weights: weights.iter().cloned().collect(),
+            default_weight,
+            by_key: Vec::new(),
+            class_of: Vec::new(),
+            value: Vec::new(),
+            reqs: Vec::new(),
+            classes: Vec::new(),
+            class_by_sig: HashMap::new(),
+            synced_to: None,
+        }
     }
 
-    fn resolve(&mut self, table: &AgentTable) {
+    /// Current counter of agent `index`.
+    fn counter(&self, index: usize) -> i128 {
+        match self.class_of[index] {
+            Some(class) => self.value[index] + i128::from(self.by_key[index]) * self.classes[class as usize].offset,
+            None => self.value[index],
+        }
+    }
+
+    fn deactivate(&mut self, index: usize) {
+        let Some(class) = self.class_of[index] else { return };
+        let counter = self.counter(index);
+        let weight = self.by_key[index];
+        let c = &mut self.classes[class as usize];
+        if let Some(group) = c.groups.get_mut(&weight) {
+            group.remove(&(std::cmp::Reverse(self.value[index]), index as u32));
+        }
+        c.weight_sum -= i128::from(weight);
+        self.class_of[index] = None;
+        self.value[index] = counter;
+    }
+
+    fn activate(&mut self, index: usize, agent: &Agent) {
+        let weight = self.by_key[index];
+        if weight == 0 || !agent.is_available() {
+            return;
+        }
+        let sig: Vec<u16> =
+            self.reqs.iter().enumerate().filter(|(_, req)| agent.has_skill_ids(req)).map(|(i, _)| i as u16).collect();
+        let class = if let Some(&class) = self.class_by_sig.get(&sig) {
+            class
+        } else {
+            let class = self.classes.len() as u32;
+            self.classes.push(WrrClass { sig: sig.clone(), ..WrrClass::default() });
+            self.class_by_sig.insert(sig, class);
+            class
+        };
+        let c = &mut self.classes[class as usize];
+        let value = self.value[index] - i128::from(weight) * c.offset;
+        c.groups.entry(weight).or_default().insert((std::cmp::Reverse(value), index as u32));
+        c.weight_sum += i128::from(weight);
+        self.class_of[index] = Some(class);
+        self.value[index] = value;
+    }
+
+    /// Sets `value` of active agent `index` (re-filing it in its group).
+    fn set_value(&mut self, index: usize, value: i128) {
+        if let Some(class) = self.class_of[index] {
+            let weight = self.by_key[index];
+            if let Some(group) = self.classes[class as usize].groups.get_mut(&weight) {
+                group.remove(&(std::cmp::Reverse(self.value[index]), index as u32));
+                group.insert((std::cmp::Reverse(value), index as u32));
+            }
+        }
+        self.value[index] = value;
+    }
+
+    /// Every agent filed again (classes rebuilt): after a new queue skill set or a dropped log.
+    fn refile_all(&mut self, table: &AgentTable) {
+        for index in 0..self.by_key.len() {
+            self.deactivate(index);
+        }
+        self.classes.clear();
+        self.class_by_sig.clear();
+        for (key, agent) in table.iter() {
+            self.activate(key.0 as usize, agent);
+        }
+    }
+
+    /// Catches up with the table: new agents' weights, then availability and skill changes.
+    fn sync(&mut self, table: &AgentTable) {
         while self.by_key.len() < table.len() {
             let key = AgentKey(self.by_key.len() as u32);
             let weight = table.get(key).and_then(|a| self.weights.get(a.id()).copied()).unwrap_or(self.default_weight);
             self.by_key.push(weight);
+            self.class_of.push(None);
+            self.value.push(0);
         }
-        self.current.resize(self.by_key.len(), 0);
+        if let Some(changes) = self.synced_to.and_then(|from| table.changes_since(from)) {
+            for &key in changes {
+                let index = key.0 as usize;
+                self.deactivate(index);
+                if let Some(agent) = table.get(key) {
+                    self.activate(index, agent);
+                }
+            }
+        } else {
+            self.refile_all(table);
+        }
+        self.synced_to = Some(table.changes_end());
     }
 
     fn route(&mut self, query: &RouteQuery<'_>) -> Option<AgentKey> {
-        self.resolve(query.table);
-        let WrrRouter { by_key, current, .. } = self;
-        let mut total = 0i64;
-        let mut best: Option<usize> = None;
-        let mut visit = |key: AgentKey, agent: &Agent| {
-            let index = key.0 as usize;
-            let weight = i64::from(by_key[index]);
-            if weight == 0 || !query.admits(key, agent) {
-                return;
-            }
-            current[index] += weight;
-            total += weight;
-            if best.is_none_or(|b| current[index] > current[b]) {
-                best = Some(index);
-            }
-        };
+        self.sync(query.table);
         match query.pool {
-            None => {
-                for key in query.table.available() {
-                    if let Some(agent) = query.table.get(key) {
-                        visit(key, agent);
-                    }
-                }
+            Some(pool) => self.route_pool(query, pool),
+            None => self.route_all(query),
+        }
+    }
+
+    /// Over a few agents: as [`WeightedRoundRobin::pick`], on the lazy counters.
+    fn route_pool(&mut self, query: &RouteQuery<'_>, pool: &[AgentKey]) -> Option<AgentKey> {
+        let mut total = 0i128;
+        let mut best: Option<(i128, usize)> = None;
+        for &key in pool {
+            let index = key.0 as usize;
+            let Some(agent) = query.table.get(key) else { continue };
+            let weight = i128::from(self.by_key[index]);
+            if weight == 0 || !query.admits(key, agent) {
+                continue;
             }
-            Some(pool) => {
-                for &key in pool {
-                    if let Some(agent) = query.table.get(key) {
-                        visit(key, agent);
+            self.set_value(index, self.value[index] + weight);
+            total += weight;
+            let counter = self.counter(index);
+            if best.is_none_or(|(b, _)| counter > b) {
+                best = Some((counter, index));
+            }
+        }
+        let (_, best) = best?;
+        self.set_value(best, self.value[best] - total);
+        Some(AgentKey(best as u32))
+    }
+
+    /// Over every available agent with the queue's skills.
+    fn route_all(&mut self, query: &RouteQuery<'_>) -> Option<AgentKey> {
+        let req = if let Some(req) = self.reqs.iter().position(|r| r.as_slice() == query.queue_skills) {
+            req as u16
+        } else {
+            self.reqs.push(query.queue_skills.to_vec());
+            self.refile_all(query.table);
+            (self.reqs.len() - 1) as u16
+        };
+        let mut total = 0i128;
+        for class in &mut self.classes {
+            if class.sig.binary_search(&req).is_ok() {
+                class.offset += 1;
+                total += class.weight_sum;
+            }
+        }
+        // Declined agents are not candidates: take back what the offsets gave them.
+        for (n, &key) in query.declined.iter().enumerate() {
+            let index = key.0 as usize;
+            if query.declined[..n].contains(&key) || index >= self.class_of.len() {
+                continue;
+            }
+            let Some(class) = self.class_of[index] else { continue };
+            if self.classes[class as usize].sig.binary_search(&req).is_ok() {
+                let weight = i128::from(self.by_key[index]);
+                self.set_value(index, self.value[index] - weight);
+                total -= weight;
+            }
+        }
+        let mut best: Option<(i128, std::cmp::Reverse<u32>)> = None;
+        for class in &self.classes {
+            if class.sig.binary_search(&req).is_err() {
+                continue;
+            }
+            for (&weight, group) in &class.groups {
+                let head = group.iter().find(|(_, key)| !query.declined.contains(&AgentKey(*key)));
+                if let Some(&(std::cmp::Reverse(value), key)) = head {
+                    let candidate = (value + i128::from(weight) * class.offset, std::cmp::Reverse(key));
+                    if best.is_none_or(|b| candidate > b) {
+                        best = Some(candidate);
                     }
                 }
             }
         }
-        let best = best?;
-        current[best] -= total;
-        Some(AgentKey(best as u32))
+        let (_, std::cmp::Reverse(best)) = best?;
+        let index = best as usize;
+        self.set_value(index, self.value[index] - total);
+        Some(AgentKey(best))
     }
 }
 
@@ -726,7 +891,8 @@ mod tests {
             skills.sort();
             skills
         };
-        let hours = BusinessHours { utc_offset_minutes: 0, open: vec![OpenRange { weekday: 0, start_minute: 0, end_minute: 1440 }] };
+        let hours =
+            BusinessHours { utc_offset_minutes: 0, open: vec![OpenRange { weekday: 0, start_minute: 0, end_minute: 1440 }] };
         let weights = |rng: &mut u64| -> Vec<(Text, u32)> {
             let mut weights = Vec::new();
             for n in 0..40 {
@@ -805,7 +971,8 @@ mod tests {
                     let conv_skills = pick_skills(&mut rng, 2, true);
                     let declined: Vec<AgentKey> = (0..below(&mut rng, 4)).map(|_| AgentKey(below(&mut rng, 40) as u32)).collect();
                     let pool: Option<Vec<AgentKey>> = (below(&mut rng, 3) == 0).then(|| {
-                        let mut pool: Vec<AgentKey> = (0..below(&mut rng, 6)).map(|_| AgentKey(below(&mut rng, 45) as u32)).collect();
+                        let mut pool: Vec<AgentKey> =
+                            (0..below(&mut rng, 6)).map(|_| AgentKey(below(&mut rng, 45) as u32)).collect();
                         pool.sort_unstable();
                         pool.dedup();
                         pool
