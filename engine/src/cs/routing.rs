@@ -9,6 +9,12 @@
 //! The contract every strategy keeps, so that "the longest-waiting eligible conversation is
 //! offered first" holds: `pick` returns one of the candidates whenever there is any. Who may be
 //! chosen is the business of `eligible`, not of `pick`.
+//!
+//! That trait and its five strategies define *what* is chosen. The desk itself does not build
+//! the candidate list (O(agents) per decision): it routes through `Router`, built from the
+//! same [`StrategyConfig`], which makes the same choice from the agent table's least-load
+//! indexes and, for weighted round-robin, lazily kept counters — see `Router` for the cost of
+//! each. A test drives both side by side on random states and requires the same agent each time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
