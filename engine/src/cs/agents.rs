@@ -7,6 +7,13 @@
 //! single-threaded (it lives on its tenant's shard), so a check and the reservation that follows
 //! it cannot be interleaved with another arrival — the race that lets Rocket.Chat assign past
 //! an agent's limit has no room to happen.
+//!
+//! For routing it also keeps the available agents in *least-load order* — most spare capacity
+//! first, then longest since last offered, then lowest key — once overall and once per skill
+//! (skills are interned as small integer ids when an agent reports them). A least-load decision
+//! is then the first agent of the shortest matching list that passes the remaining checks,
+//! instead of a walk over every available agent. Every mutator below re-indexes the agent it
+//! changed, so the lists are exact after each call.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -37,6 +44,10 @@ pub struct Agent {
     /// When it was last offered something (desk offer counter), to break least-load ties
     /// in favour of whoever waited longest for work.
     last_offer_seq: u64,
+    /// `skills` as interned ids (the table's), sorted.
+    skill_ids: Vec<u32>,
+    /// Its place in the least-load lists while available ([`load_order`]); `None` otherwise.
+    load_key: Option<u128>,
 }
 
 impl Agent {
@@ -108,10 +119,36 @@ impl Agent {
     pub(crate) fn grace_timer(&self) -> Option<CsTimerId> {
         self.grace_timer
     }
+
+    /// True when it has every skill in `required` (interned ids, sorted).
+    pub(crate) fn has_skill_ids(&self, required: &[u32]) -> bool {
+        has_all_sorted(&self.skill_ids, required)
+    }
+
+    /// Its least-load sort key while available, `None` when not available.
+    pub(crate) fn load_key(&self) -> Option<u128> {
+        self.load_key
+    }
+}
+
+/// The least-load sort key: ascending order is most spare capacity first, then the oldest
+/// last offer, then the lowest key — exactly the order of `routing::least_load`.
+fn load_order(key: AgentKey, agent: &Agent) -> u128 {
+    (u128::from(u16::MAX - agent.spare()) << 96) | (u128::from(agent.last_offer_seq) << 32) | u128::from(key.0)
+}
+
+/// The agent key inside a [`load_order`] key.
+pub(crate) fn key_of_load_order(order: u128) -> AgentKey {
+    AgentKey(order as u32)
 }
 
 /// True when sorted `have` contains every element of sorted `need`.
 pub fn has_all(have: &[Text], need: &[Text]) -> bool {
+    has_all_sorted(have, need)
+}
+
+/// [`has_all`] for any sorted elements (interned skill ids).
+fn has_all_sorted<T: Ord>(have: &[T], need: &[T]) -> bool {
     let mut have = have.iter();
     'need: for wanted in need {
         for candidate in have.by_ref() {
@@ -134,13 +171,34 @@ pub struct AgentTable {
     /// Exactly the agents for which [`Agent::is_available`] holds, in key order (routing
     /// iterates it deterministically).
     available: BTreeSet<AgentKey>,
+    /// The same agents in least-load order ([`load_order`] keys).
+    by_load: BTreeSet<u128>,
+    /// Per interned skill id: the available agents having it, in least-load order.
+    by_skill: Vec<BTreeSet<u128>>,
+    /// Skill name → interned id (never forgotten: bounded by `agents_max` × `SKILLS_MAX`).
+    skill_ids: HashMap<Text, u32>,
+    /// Agents whose availability or skills changed, oldest first, for routers that keep their
+    /// own index of available agents ([`AgentTable::changes_since`]); cleared when long.
+    changes: Vec<AgentKey>,
+    /// The position of `changes[0]` since the table was made.
+    changes_base: u64,
     agents_max: usize,
 }
 
 impl AgentTable {
     /// An empty table for at most `agents_max` agents.
     pub fn new(agents_max: usize) -> AgentTable {
-        AgentTable { agents: Vec::new(), by_id: HashMap::new(), available: BTreeSet::new(), agents_max }
+        AgentTable {
+            agents: Vec::new(),
+            by_id: HashMap::new(),
+            available: BTreeSet::new(),
+            by_load: BTreeSet::new(),
+            by_skill: Vec::new(),
+            skill_ids: HashMap::new(),
+            changes: Vec::new(),
+            changes_base: 0,
+            agents_max,
+        }
     }
 
     /// Agents known.
@@ -198,6 +256,8 @@ impl AgentTable {
             sessions: Vec::new(),
             grace_timer: None,
             last_offer_seq: 0,
+            skill_ids: Vec::new(),
+            load_key: None,
         });
         self.by_id.insert(id.clone(), key);
         Ok(key)
@@ -208,22 +268,176 @@ impl AgentTable {
         self.agents.len() < self.agents_max
     }
 
+    /// The interned id of a skill, if any agent ever reported it.
+    pub(crate) fn skill_id(&self, skill: &Text) -> Option<u32> {
+        self.skill_ids.get(skill).copied()
+    }
+
+    /// `skills` as sorted interned ids into `out`; false when one of them no agent ever
+    /// reported (then no agent has them all).
+    pub(crate) fn resolve_skills(&self, skills: &[Text], out: &mut Vec<u32>) -> bool {
+        out.clear();
+        for skill in skills {
+            match self.skill_id(skill) {
+                Some(id) => out.push(id),
+                None => return false,
+            }
+        }
+        out.sort_unstable();
+        true
+    }
+
+    /// The first available agent in least-load order (most spare capacity, then longest since
+    /// its last offer, then lowest key) that has every skill of `required` and of `also`
+    /// (interned ids, sorted) and for which `accept` holds. It walks the shortest of the lists
+    /// that can hold the answer and stops at the first match: the cost is the agents skipped
+    /// (other skills missing, declined, not eligible), not the agents available.
+    pub(crate) fn least_loaded(
+        &self,
+        required: &[u32],
+        also: &[u32],
+        mut accept: impl FnMut(AgentKey, &Agent) -> bool,
+    ) -> Option<AgentKey> {
+        let list = required
+            .iter()
+            .chain(also)
+            .filter_map(|&id| self.by_skill.get(id as usize))
+            .min_by_key(|set| set.len())
+            .unwrap_or(&self.by_load);
+        list.iter().find_map(|&order| {
+            let key = key_of_load_order(order);
+            let agent = &self.agents[key.0 as usize];
+            (agent.has_skill_ids(required) && agent.has_skill_ids(also) && accept(key, agent)).then_some(key)
+        })
+    }
+
+    /// The position after the last change (see [`AgentTable::changes_since`]).
+    pub(crate) fn changes_end(&self) -> u64 {
+        self.changes_base + self.changes.len() as u64
+    }
+
+    /// The agents whose availability or skills changed since position `from` (an agent may
+    /// appear more than once), or `None` when that part of the log was dropped: then the
+    /// caller must look at every agent again.
+    pub(crate) fn changes_since(&self, from: u64) -> Option<&[AgentKey]> {
+        let start = usize::try_from(from.checked_sub(self.changes_base)?).ok()?;
+        self.changes.get(start..)
+    }
+
+    fn log_change(&mut self, key: AgentKey) {
+        if self.changes.len() >= 4 * self.agents.len() + 1024 {
+            self.changes_base += self.changes.len() as u64;
+            self.changes.clear();
+        }
+        self.changes.push(key);
+    }
+
+    /// Re-files the agent in the available and least-load sets after a change.
     fn refresh(&mut self, key: AgentKey) {
-        if self.agents[key.0 as usize].is_available() {
-            self.available.insert(key);
+        let was_available = self.agents[key.0 as usize].load_key.is_some();
+        if was_available != self.agents[key.0 as usize].is_available() {
+            self.log_change(key);
+        }
+        let AgentTable { agents, available, by_load, by_skill, .. } = self;
+        let agent = &mut agents[key.0 as usize];
+        let order = agent.is_available().then(|| load_order(key, agent));
+        if order.is_some() {
+            available.insert(key);
         } else {
-            self.available.remove(&key);
+            available.remove(&key);
+        }
+        if order == agent.load_key {
+            return;
+        }
+        if let Some(old) = agent.load_key.take() {
+            by_load.remove(&old);
+            for &id in &agent.skill_ids {
+                by_skill[id as usize].remove(&old);
+            }
+        }
+        if let Some(new) = order {
+            by_load.insert(new);
+            for &id in &agent.skill_ids {
+                by_skill[id as usize].insert(new);
+            }
+        }
+        agent.load_key = order;
+    }
+
+    /// Takes the agent out of the least-load sets (before its skills change).
+    fn unfile(&mut self, key: AgentKey) {
+        let AgentTable { agents, by_load, by_skill, .. } = self;
+        let agent = &mut agents[key.0 as usize];
+        if let Some(old) = agent.load_key.take() {
+            by_load.remove(&old);
+            for &id in &agent.skill_ids {
+                by_skill[id as usize].remove(&old);
+            }
         }
     }
 
     /// Sets what the agent reports about itself; it is connected (the report came from it).
     pub(crate) fn set_status(&mut self, key: AgentKey, presence: AgentPresence, capacity: u16, skills: Vec<Text>) {
+        self.unfile(key);
+        let mut ids = Vec::with_capacity(skills.len());
+        for skill in &skills {
+            let next = self.by_skill.len() as u32;
+            let id = *self.skill_ids.entry(skill.clone()).or_insert(next);
+            if id == next {
+                self.by_skill.push(BTreeSet::new());
+            }
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
         let agent = &mut self.agents[key.0 as usize];
         agent.presence = presence;
         agent.capacity = capacity;
         agent.skills = skills;
+        agent.skill_ids = ids;
         agent.connected = true;
+        self.log_change(key);
         self.refresh(key);
+    }
+
+    /// Checks the available and least-load sets against the agents (O(agents × skills); for
+    /// tests and the simulation).
+    pub(crate) fn check_indexes(&self) -> Result<(), String> {
+        let mut per_skill = vec![0usize; self.by_skill.len()];
+        let mut available = 0usize;
+        for (key, agent) in self.iter() {
+            let order = agent.is_available().then(|| load_order(key, agent));
+            if order != agent.load_key {
+                return Err(format!("agent {}: load key {:?}, expected {order:?}", agent.id, agent.load_key));
+            }
+            let names: Option<Vec<u32>> = agent.skills.iter().map(|s| self.skill_id(s)).collect();
+            let mut names = names.ok_or_else(|| format!("agent {}: skill not interned", agent.id))?;
+            names.sort_unstable();
+            if names != agent.skill_ids {
+                return Err(format!("agent {}: skill ids {:?} for {:?}", agent.id, agent.skill_ids, agent.skills));
+            }
+            if let Some(order) = order {
+                available += 1;
+                if !self.available.contains(&key) || !self.by_load.contains(&order) {
+                    return Err(format!("agent {}: available but not listed", agent.id));
+                }
+                for &id in &agent.skill_ids {
+                    per_skill[id as usize] += 1;
+                    if !self.by_skill[id as usize].contains(&order) {
+                        return Err(format!("agent {}: missing from skill list {id}", agent.id));
+                    }
+                }
+            }
+        }
+        if available != self.available.len() || available != self.by_load.len() {
+            return Err(format!("{available} available, lists hold {} and {}", self.available.len(), self.by_load.len()));
+        }
+        for (id, set) in self.by_skill.iter().enumerate() {
+            if set.len() != per_skill[id] {
+                return Err(format!("skill list {id} holds {}, {} agents have it", set.len(), per_skill[id]));
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn set_connected(&mut self, key: AgentKey, connected: bool) {

@@ -28,7 +28,7 @@ use super::agents::{Agent, AgentKey, AgentTable};
 use super::error::DeskError;
 use super::fsm::{Event, State, Table, Transition};
 use super::queue::{Overflow, Queue, QueueKey, QueuePolicy};
-use super::routing::{variant_for, AgentsView, ConversationInfo, RoutingStrategy, StrategyConfig, Variant};
+use super::routing::{variant_for, RouteQuery, Router, StrategyConfig, Variant};
 
 /// A timer id the desk chooses (the engine maps it to its wheel's handle to cancel it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -368,8 +368,9 @@ pub struct TenantDesk {
     agents: AgentTable,
     queues: Vec<Queue>,
     conversations: HashMap<Text, Conversation>,
-    strategy: Box<dyn RoutingStrategy>,
-    variants: Vec<Box<dyn RoutingStrategy>>,
+    /// The main strategy and the experiment's, in the desk's fast form.
+    strategy: Router,
+    variants: Vec<Router>,
     group_counts: Vec<GroupCounts>,
     /// Counts of conversations with no group (no experiment).
     ungrouped_counts: GroupCounts,
@@ -387,7 +388,9 @@ pub struct TenantDesk {
     changed_agents: BTreeSet<AgentKey>,
     /// Dispatch work: conversations that (re-)entered a queue, with the queue.
     fresh: Vec<(QueueKey, usize)>,
-    candidates: Vec<AgentKey>,
+    /// Routing scratch: the queue's and the conversation's skills as interned ids.
+    queue_skill_ids: Vec<u32>,
+    conv_skill_ids: Vec<u32>,
     /// Some agent's presence, connection, capacity or skills changed since the last recount.
     serving_dirty: bool,
     /// Agents whose presence, capacity or load changed during this call (`AGENT_STATUS` due).
@@ -501,8 +504,8 @@ impl TenantDesk {
             agents: AgentTable::new(limits.agents_max),
             queues,
             conversations: HashMap::new(),
-            strategy: policy.strategy.build(),
-            variants: policy.experiment.iter().map(|v| v.strategy.build()).collect(),
+            strategy: policy.strategy.router(),
+            variants: policy.experiment.iter().map(|v| v.strategy.router()).collect(),
             group_counts: vec![GroupCounts::default(); policy.experiment.len()],
             ungrouped_counts: GroupCounts::default(),
             affinity: HashMap::new(),
@@ -515,7 +518,8 @@ impl TenantDesk {
             rescan_all: false,
             changed_agents: BTreeSet::new(),
             fresh: Vec::new(),
-            candidates: Vec::new(),
+            queue_skill_ids: Vec::new(),
+            conv_skill_ids: Vec::new(),
             serving_dirty: false,
             status_changed: BTreeSet::new(),
             customer_grace: HashMap::new(),
@@ -1058,8 +1062,8 @@ impl TenantDesk {
             }
         }
         self.group_counts = counts;
-        self.strategy = policy.strategy.build();
-        self.variants = policy.experiment.iter().map(|v| v.strategy.build()).collect();
+        self.strategy = policy.strategy.router();
+        self.variants = policy.experiment.iter().map(|v| v.strategy.router()).collect();
         self.policy = policy;
         let sessions: Vec<Text> = self.conversations.keys().cloned().collect();
         for session in sessions {
@@ -1156,6 +1160,7 @@ impl TenantDesk {
         if available != self.agents.available_len() {
             return Err(format!("available set {} != {available}", self.agents.available_len()));
         }
+        self.agents.check_indexes()?;
         if self.conversations.len() > self.limits.conversations_max {
             return Err("conversations_max exceeded".into());
         }
@@ -1619,50 +1624,37 @@ impl TenantDesk {
         }
     }
 
-    /// The candidate the conversation's strategy picks, if any.
-    fn route(&mut self, now: u64, conv: &Conversation, pool: Pool, changed: &[AgentKey]) -> Option<AgentKey> {
-        let TenantDesk { agents, queues, strategy, variants, candidates, affinity, stats, .. } = self;
-        let strategy: &mut Box<dyn RoutingStrategy> = match conv.variant.filter(|&v| v < variants.len()) {
+    /// The candidate the conversation's strategy picks, if any: the desk's checks (available,
+    /// the queue's skills, not declined, in `pool`) and the strategy's, answered by
+    /// [`Router::route`] from the agent table's indexes (see there for the cost per strategy).
+    fn route(&mut self, _now: u64, conv: &Conversation, pool: Pool, changed: &[AgentKey]) -> Option<AgentKey> {
+        let TenantDesk { agents, queues, strategy, variants, affinity, queue_skill_ids, conv_skill_ids, .. } = self;
+        let router: &mut Router = match conv.variant.filter(|&v| v < variants.len()) {
             Some(v) => &mut variants[v],
             None => strategy,
         };
-        let queue = &queues[conv.queue];
-        let info = ConversationInfo {
-            session: &conv.session,
-            customer: &conv.customer,
-            priority: conv.priority,
-            skills: &conv.skills,
-            queue: queue.name(),
-            last_agent: affinity.get(&conv.customer).copied(),
-        };
-        let queue_skills = &queue.policy().skills;
-        candidates.clear();
-        let mut consider = |key: AgentKey| {
-            if let Some(agent) = agents.get(key) {
-                if agent.is_available()
-                    && agent.has_skills(queue_skills)
-                    && !conv.declined.contains(&key)
-                    && strategy.eligible(&info, key, agent)
-                {
-                    candidates.push(key);
-                }
-            }
-        };
-        match pool {
-            Pool::All => agents.available().for_each(&mut consider),
-            Pool::Changed => changed.iter().copied().for_each(&mut consider),
-        }
-        if candidates.is_empty() {
+        if !agents.resolve_skills(&queues[conv.queue].policy().skills, queue_skill_ids) {
+            // The queue needs a skill no agent ever had.
             return None;
         }
-        let view = AgentsView::new(agents, candidates);
-        match strategy.pick(&info, &view, now) {
-            Some(key) if view.is_candidate(key) => Some(key),
-            _ => {
-                stats.strategy_misses += 1;
-                super::routing::least_load(&view)
-            }
-        }
+        let conv_known = agents.resolve_skills(&conv.skills, conv_skill_ids);
+        let query = RouteQuery {
+            table: agents,
+            queue_skills: queue_skill_ids,
+            conv_skills: conv_known.then_some(conv_skill_ids.as_slice()),
+            declined: &conv.declined,
+            pool: match pool {
+                Pool::All => None,
+                Pool::Changed => Some(changed),
+            },
+            last_agent: affinity.get(&conv.customer).copied(),
+        };
+        let chosen = router.route(&query);
+        debug_assert!(
+            chosen.is_none_or(|key| agents.get(key).is_some_and(Agent::is_available)),
+            "routing chose an agent that cannot take work"
+        );
+        chosen
     }
 
     /// Tells waiting customers (in the first `position_updates_depth_max` places) their new

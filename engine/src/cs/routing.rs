@@ -9,8 +9,14 @@
 //! The contract every strategy keeps, so that "the longest-waiting eligible conversation is
 //! offered first" holds: `pick` returns one of the candidates whenever there is any. Who may be
 //! chosen is the business of `eligible`, not of `pick`.
+//!
+//! That trait and its five strategies define *what* is chosen. The desk itself does not build
+//! the candidate list (O(agents) per decision): it routes through `Router`, built from the
+//! same [`StrategyConfig`], which makes the same choice from the agent table's least-load
+//! indexes and, for weighted round-robin, lazily kept counters — see `Router` for the cost of
+//! each. A test drives both side by side on random states and requires the same agent each time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use switchboard_protocol::Text;
 
@@ -366,6 +372,342 @@ impl StrategyConfig {
     }
 }
 
+impl StrategyConfig {
+    /// The desk's fast form of this strategy (see [`Router`]); state starts at zero, as with
+    /// [`StrategyConfig::build`].
+    pub(crate) fn router(&self) -> Router {
+        match self {
+            StrategyConfig::LeastLoad => Router::LeastLoad,
+            StrategyConfig::SkillBased => Router::SkillBased,
+            StrategyConfig::WeightedRoundRobin { weights, default_weight } => {
+                Router::WeightedRoundRobin(WrrRouter::new(weights, *default_weight))
+            }
+            StrategyConfig::Affinity { fallback } => Router::Affinity(Box::new(fallback.router())),
+            StrategyConfig::BusinessHours { hours, inner } => Router::BusinessHours(hours.clone(), Box::new(inner.router())),
+        }
+    }
+}
+
+/// One routing question as the desk asks it: the desk's own checks (available, the queue's
+/// skills, not declined, in the pool) plus what the strategies look at. Skills are the agent
+/// table's interned ids, sorted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RouteQuery<'a> {
+    pub(crate) table: &'a AgentTable,
+    /// The queue's skills.
+    pub(crate) queue_skills: &'a [u32],
+    /// The conversation's skills; `None` when it asks for one no agent ever had.
+    pub(crate) conv_skills: Option<&'a [u32]>,
+    /// Agents that declined the conversation.
+    pub(crate) declined: &'a [AgentKey],
+    /// `None`: every available agent; `Some`: only these (sorted by key).
+    pub(crate) pool: Option<&'a [AgentKey]>,
+    /// The agent who last served the customer.
+    pub(crate) last_agent: Option<AgentKey>,
+}
+
+impl RouteQuery<'_> {
+    /// The desk's checks, without the pool: a candidate as far as the desk is concerned.
+    fn admits(&self, key: AgentKey, agent: &Agent) -> bool {
+        agent.is_available() && agent.has_skill_ids(self.queue_skills) && !self.declined.contains(&key)
+    }
+
+    /// True when `key` is a candidate for every strategy that accepts it.
+    fn is_candidate(&self, key: AgentKey) -> bool {
+        self.pool.is_none_or(|pool| pool.binary_search(&key).is_ok())
+            && self.table.get(key).is_some_and(|agent| self.admits(key, agent))
+    }
+
+    /// [`least_load`] over the candidates that also have `also` (the conversation's skills for
+    /// skill-based routing, else nothing).
+    fn least_load(&self, also: &[u32]) -> Option<AgentKey> {
+        match self.pool {
+            None => self.table.least_loaded(self.queue_skills, also, |key, _| !self.declined.contains(&key)),
+            Some(pool) => pool
+                .iter()
+                .filter_map(|&key| self.table.get(key).map(|agent| (key, agent)))
+                .filter(|&(key, agent)| self.admits(key, agent) && agent.has_skill_ids(also))
+                .filter_map(|(_, agent)| agent.load_key())
+                .min()
+                .map(super::agents::key_of_load_order),
+        }
+    }
+}
+
+/// A strategy as the desk runs it: the same choices as the [`RoutingStrategy`] built from the
+/// same [`StrategyConfig`] (the same agent for the same state), made from the agent table's
+/// indexes instead of a list of every candidate:
+/// - least-load and skill-based: the first agent of the least-load order (overall, or of the
+///   rarest skill asked for) that passes the checks — cost: the agents skipped;
+/// - affinity: the last agent when it is a candidate (one lookup), else the fallback;
+/// - business hours: a gate on opening (`open_at`), routing by the inner strategy;
+/// - weighted round-robin: nginx's smooth WRR with the counters kept lazily per class of agents
+///   (see [`WrrRouter`]): cost about the classes × distinct weights, not the candidates.
+#[derive(Debug)]
+pub(crate) enum Router {
+    LeastLoad,
+    SkillBased,
+    WeightedRoundRobin(WrrRouter),
+    Affinity(Box<Router>),
+    BusinessHours(BusinessHours, Box<Router>),
+}
+
+impl Router {
+    /// As [`RoutingStrategy::open_at`].
+    pub(crate) fn open_at(&self, now_ms: u64) -> bool {
+        match self {
+            Router::LeastLoad | Router::SkillBased | Router::WeightedRoundRobin(_) => true,
+            Router::Affinity(fallback) => fallback.open_at(now_ms),
+            Router::BusinessHours(hours, inner) => hours.is_open(now_ms) && inner.open_at(now_ms),
+        }
+    }
+
+    /// The candidate chosen, `None` only when there is none: `pick` over the candidates that
+    /// `eligible` and the desk's checks leave.
+    pub(crate) fn route(&mut self, query: &RouteQuery<'_>) -> Option<AgentKey> {
+        match self {
+            Router::LeastLoad => query.least_load(&[]),
+            Router::SkillBased => query.least_load(query.conv_skills?),
+            Router::WeightedRoundRobin(wrr) => wrr.route(query),
+            Router::Affinity(fallback) => match query.last_agent {
+                Some(last) if query.is_candidate(last) => Some(last),
+                _ => fallback.route(query),
+            },
+            Router::BusinessHours(_, inner) => inner.route(query),
+        }
+    }
+}
+
+/// [`WeightedRoundRobin`] for the desk: the same counters and the same choices, kept so that a
+/// pick costs about the number of agent *classes* rather than the number of candidates.
+///
+/// Smooth WRR adds each candidate's weight to its counter on every pick. Candidates of a pick
+/// are the active agents (available, weight > 0) having the queue's skills, less the few that
+/// declined. So active agents are grouped into classes by which of the queues' skill sets
+/// (`reqs`, those routed so far) they have; a pick for a queue adds 1 to the `offset` of every
+/// class having that queue's set, and an agent's counter is `value + weight × offset` of its
+/// class. Inside a class, agents of one weight keep their order by `value` as offsets move, so
+/// each (class, weight) group is a sorted set and the pick looks only at the head of each
+/// (declined agents skipped, their counters corrected one by one). An agent leaving or
+/// entering the active set (availability, skills) is re-filed from the table's change log.
+#[derive(Debug)]
+pub(crate) struct WrrRouter {
+    weights: HashMap<Text, u32>,
+    default_weight: u32,
+    /// Weight per agent key, resolved once (an agent keeps its key and id for the desk's life).
+    by_key: Vec<u32>,
+    /// Per agent key: its class while active, else `None`.
+    class_of: Vec<Option<u32>>,
+    /// Per agent key: `value` while active (counter = value + weight × class offset), else the
+    /// counter itself.
+    value: Vec<i128>,
+    /// Queue skill sets seen (interned ids, sorted); a class is a subset of their indexes.
+    reqs: Vec<Vec<u32>>,
+    classes: Vec<WrrClass>,
+    class_by_sig: HashMap<Vec<u16>, u32>,
+    /// How far the table's change log has been read.
+    synced_to: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct WrrClass {
+    /// Indexes into `reqs` of the skill sets its agents have, sorted.
+    sig: Vec<u16>,
+    offset: i128,
+    /// Summed weight of its agents.
+    weight_sum: i128,
+    /// Per weight: its agents by (value descending, key).
+    groups: BTreeMap<u32, BTreeSet<(std::cmp::Reverse<i128>, u32)>>,
+}
+
+impl WrrRouter {
+    fn new(weights: &[(Text, u32)], default_weight: u32) -> WrrRouter {
+        WrrRouter {
+            weights: weights.iter().cloned().collect(),
+            default_weight,
+            by_key: Vec::new(),
+            class_of: Vec::new(),
+            value: Vec::new(),
+            reqs: Vec::new(),
+            classes: Vec::new(),
+            class_by_sig: HashMap::new(),
+            synced_to: None,
+        }
+    }
+
+    /// Current counter of agent `index`.
+    fn counter(&self, index: usize) -> i128 {
+        match self.class_of[index] {
+            Some(class) => self.value[index] + i128::from(self.by_key[index]) * self.classes[class as usize].offset,
+            None => self.value[index],
+        }
+    }
+
+    fn deactivate(&mut self, index: usize) {
+        let Some(class) = self.class_of[index] else { return };
+        let counter = self.counter(index);
+        let weight = self.by_key[index];
+        let c = &mut self.classes[class as usize];
+        if let Some(group) = c.groups.get_mut(&weight) {
+            group.remove(&(std::cmp::Reverse(self.value[index]), index as u32));
+        }
+        c.weight_sum -= i128::from(weight);
+        self.class_of[index] = None;
+        self.value[index] = counter;
+    }
+
+    fn activate(&mut self, index: usize, agent: &Agent) {
+        let weight = self.by_key[index];
+        if weight == 0 || !agent.is_available() {
+            return;
+        }
+        let sig: Vec<u16> =
+            self.reqs.iter().enumerate().filter(|(_, req)| agent.has_skill_ids(req)).map(|(i, _)| i as u16).collect();
+        let class = if let Some(&class) = self.class_by_sig.get(&sig) {
+            class
+        } else {
+            let class = self.classes.len() as u32;
+            self.classes.push(WrrClass { sig: sig.clone(), ..WrrClass::default() });
+            self.class_by_sig.insert(sig, class);
+            class
+        };
+        let c = &mut self.classes[class as usize];
+        let value = self.value[index] - i128::from(weight) * c.offset;
+        c.groups.entry(weight).or_default().insert((std::cmp::Reverse(value), index as u32));
+        c.weight_sum += i128::from(weight);
+        self.class_of[index] = Some(class);
+        self.value[index] = value;
+    }
+
+    /// Sets `value` of active agent `index` (re-filing it in its group).
+    fn set_value(&mut self, index: usize, value: i128) {
+        if let Some(class) = self.class_of[index] {
+            let weight = self.by_key[index];
+            if let Some(group) = self.classes[class as usize].groups.get_mut(&weight) {
+                group.remove(&(std::cmp::Reverse(self.value[index]), index as u32));
+                group.insert((std::cmp::Reverse(value), index as u32));
+            }
+        }
+        self.value[index] = value;
+    }
+
+    /// Every agent filed again (classes rebuilt): after a new queue skill set or a dropped log.
+    fn refile_all(&mut self, table: &AgentTable) {
+        for index in 0..self.by_key.len() {
+            self.deactivate(index);
+        }
+        self.classes.clear();
+        self.class_by_sig.clear();
+        for (key, agent) in table.iter() {
+            self.activate(key.0 as usize, agent);
+        }
+    }
+
+    /// Catches up with the table: new agents' weights, then availability and skill changes.
+    fn sync(&mut self, table: &AgentTable) {
+        while self.by_key.len() < table.len() {
+            let key = AgentKey(self.by_key.len() as u32);
+            let weight = table.get(key).and_then(|a| self.weights.get(a.id()).copied()).unwrap_or(self.default_weight);
+            self.by_key.push(weight);
+            self.class_of.push(None);
+            self.value.push(0);
+        }
+        if let Some(changes) = self.synced_to.and_then(|from| table.changes_since(from)) {
+            for &key in changes {
+                let index = key.0 as usize;
+                self.deactivate(index);
+                if let Some(agent) = table.get(key) {
+                    self.activate(index, agent);
+                }
+            }
+        } else {
+            self.refile_all(table);
+        }
+        self.synced_to = Some(table.changes_end());
+    }
+
+    fn route(&mut self, query: &RouteQuery<'_>) -> Option<AgentKey> {
+        self.sync(query.table);
+        match query.pool {
+            Some(pool) => self.route_pool(query, pool),
+            None => self.route_all(query),
+        }
+    }
+
+    /// Over a few agents: as [`WeightedRoundRobin::pick`], on the lazy counters.
+    fn route_pool(&mut self, query: &RouteQuery<'_>, pool: &[AgentKey]) -> Option<AgentKey> {
+        let mut total = 0i128;
+        let mut best: Option<(i128, usize)> = None;
+        for &key in pool {
+            let index = key.0 as usize;
+            let Some(agent) = query.table.get(key) else { continue };
+            let weight = i128::from(self.by_key[index]);
+            if weight == 0 || !query.admits(key, agent) {
+                continue;
+            }
+            self.set_value(index, self.value[index] + weight);
+            total += weight;
+            let counter = self.counter(index);
+            if best.is_none_or(|(b, _)| counter > b) {
+                best = Some((counter, index));
+            }
+        }
+        let (_, best) = best?;
+        self.set_value(best, self.value[best] - total);
+        Some(AgentKey(best as u32))
+    }
+
+    /// Over every available agent with the queue's skills.
+    fn route_all(&mut self, query: &RouteQuery<'_>) -> Option<AgentKey> {
+        let req = if let Some(req) = self.reqs.iter().position(|r| r.as_slice() == query.queue_skills) {
+            req as u16
+        } else {
+            self.reqs.push(query.queue_skills.to_vec());
+            self.refile_all(query.table);
+            (self.reqs.len() - 1) as u16
+        };
+        let mut total = 0i128;
+        for class in &mut self.classes {
+            if class.sig.binary_search(&req).is_ok() {
+                class.offset += 1;
+                total += class.weight_sum;
+            }
+        }
+        // Declined agents are not candidates: take back what the offsets gave them.
+        for (n, &key) in query.declined.iter().enumerate() {
+            let index = key.0 as usize;
+            if query.declined[..n].contains(&key) || index >= self.class_of.len() {
+                continue;
+            }
+            let Some(class) = self.class_of[index] else { continue };
+            if self.classes[class as usize].sig.binary_search(&req).is_ok() {
+                let weight = i128::from(self.by_key[index]);
+                self.set_value(index, self.value[index] - weight);
+                total -= weight;
+            }
+        }
+        let mut best: Option<(i128, std::cmp::Reverse<u32>)> = None;
+        for class in &self.classes {
+            if class.sig.binary_search(&req).is_err() {
+                continue;
+            }
+            for (&weight, group) in &class.groups {
+                let head = group.iter().find(|(_, key)| !query.declined.contains(&AgentKey(*key)));
+                if let Some(&(std::cmp::Reverse(value), key)) = head {
+                    let candidate = (value + i128::from(weight) * class.offset, std::cmp::Reverse(key));
+                    if best.is_none_or(|b| candidate > b) {
+                        best = Some(candidate);
+                    }
+                }
+            }
+        }
+        let (_, std::cmp::Reverse(best)) = best?;
+        let index = best as usize;
+        self.set_value(index, self.value[index] - total);
+        Some(AgentKey(best))
+    }
+}
+
 /// One arm of an A/B experiment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Variant {
@@ -527,6 +869,180 @@ mod tests {
         // Pinned: the group of a conversation must survive restarts and upgrades.
         assert_eq!(stable_hash(b""), 0xefd0_1f60_ba99_2926, "stable_hash changed: A/B groups would move");
         assert_eq!(stable_hash(b"conv-1"), 0x3b76_c2cb_91b6_a2d7, "stable_hash changed: A/B groups would move");
+    }
+
+    /// The desk's fast [`Router`] against the [`RoutingStrategy`] built from the same config,
+    /// as the desk used it before (every available agent through the checks and `eligible`,
+    /// then `pick`): the same agent every time, WRR counters carried along, over random agent
+    /// changes, queue and conversation skills, declines, pools and last agents.
+    #[test]
+    #[allow(clippy::too_many_lines)]
+    fn router_chooses_what_the_strategy_picks() {
+        fn next(state: &mut u64) -> u64 {
+            *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = *state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(state: &mut u64, n: usize) -> usize {
+            (next(state) % n as u64) as usize
+        }
+        const NAMES: [&str; 5] = ["de", "billing", "fr", "tech", "vip"];
+        let pick_skills = |rng: &mut u64, per: usize, unknown: bool| -> Vec<Text> {
+            let mut skills: Vec<Text> = NAMES.iter().filter(|_| below(rng, 10) < per).map(|s| Text::from(*s)).collect();
+            if unknown && below(rng, 20) == 0 {
+                skills.push(Text::from("zz-unknown"));
+            }
+            skills.sort();
+            skills
+        };
+        let hours =
+            BusinessHours { utc_offset_minutes: 0, open: vec![OpenRange { weekday: 0, start_minute: 0, end_minute: 1440 }] };
+        let weights = |rng: &mut u64| -> Vec<(Text, u32)> {
+            let mut weights = Vec::new();
+            for n in 0..40 {
+                if below(rng, 3) == 0 {
+                    weights.push((Text::from(format!("a{n}")), below(rng, 4) as u32));
+                }
+            }
+            weights
+        };
+        let mut rng = 0x00c0_ffee_u64;
+        let configs = vec![
+            StrategyConfig::LeastLoad,
+            StrategyConfig::SkillBased,
+            StrategyConfig::WeightedRoundRobin { weights: weights(&mut rng), default_weight: 1 },
+            StrategyConfig::WeightedRoundRobin { weights: weights(&mut rng), default_weight: 0 },
+            StrategyConfig::Affinity { fallback: Box::new(StrategyConfig::LeastLoad) },
+            StrategyConfig::Affinity { fallback: Box::new(StrategyConfig::SkillBased) },
+            StrategyConfig::BusinessHours {
+                hours: hours.clone(),
+                inner: Box::new(StrategyConfig::Affinity {
+                    fallback: Box::new(StrategyConfig::WeightedRoundRobin { weights: weights(&mut rng), default_weight: 2 }),
+                }),
+            },
+            StrategyConfig::Affinity {
+                fallback: Box::new(StrategyConfig::BusinessHours { hours, inner: Box::new(StrategyConfig::SkillBased) }),
+            },
+        ];
+        for config in &configs {
+            for seed in 0..4u64 {
+                let mut rng = seed.wrapping_mul(0x5851_f42d_4c95_7f2d) ^ 0x1234;
+                let mut table = AgentTable::new(64);
+                let mut old = config.build();
+                let mut new = config.router();
+                let mut offer_seq = 0u64;
+                let mut session = 0u64;
+                let mut decisions = 0usize;
+                for step in 0..1_500 {
+                    // Change an agent.
+                    let n = below(&mut rng, 40);
+                    let key = table.insert(&Text::from(format!("a{n}"))).unwrap();
+                    match below(&mut rng, 8) {
+                        0 => {
+                            let presence = if below(&mut rng, 5) == 0 { AgentPresence::Away } else { AgentPresence::Online };
+                            let skills = pick_skills(&mut rng, 4, false);
+                            table.set_status(key, presence, below(&mut rng, 5) as u16, skills);
+                        }
+                        1 => table.set_connected(key, below(&mut rng, 4) != 0),
+                        2 | 3 => {
+                            offer_seq += 1;
+                            session += 1;
+                            table.reserve(key, &Text::from(format!("s{session}")), offer_seq);
+                        }
+                        4 => {
+                            let agent = table.get(key).unwrap();
+                            if agent.reserved() > 0 {
+                                let s = agent.sessions().last().unwrap().clone();
+                                if below(&mut rng, 2) == 0 {
+                                    table.release_offer(key, &s);
+                                } else {
+                                    table.assign(key);
+                                }
+                            }
+                        }
+                        5 => {
+                            let agent = table.get(key).unwrap();
+                            if agent.load() > 0 {
+                                let s = agent.sessions()[0].clone();
+                                table.unassign(key, &s);
+                            }
+                        }
+                        _ => {}
+                    }
+                    table.check_indexes().unwrap();
+                    // Ask both.
+                    let queue_skills = pick_skills(&mut rng, 1, true);
+                    let conv_skills = pick_skills(&mut rng, 2, true);
+                    let declined: Vec<AgentKey> = (0..below(&mut rng, 4)).map(|_| AgentKey(below(&mut rng, 40) as u32)).collect();
+                    let pool: Option<Vec<AgentKey>> = (below(&mut rng, 3) == 0).then(|| {
+                        let mut pool: Vec<AgentKey> =
+                            (0..below(&mut rng, 6)).map(|_| AgentKey(below(&mut rng, 45) as u32)).collect();
+                        pool.sort_unstable();
+                        pool.dedup();
+                        pool
+                    });
+                    let last_agent = (below(&mut rng, 2) == 0).then(|| AgentKey(below(&mut rng, 40) as u32));
+                    let name = Text::from("c");
+                    let info = ConversationInfo {
+                        session: &name,
+                        customer: &name,
+                        priority: 0,
+                        skills: &conv_skills,
+                        queue: &name,
+                        last_agent,
+                    };
+                    let pool_keys: Vec<AgentKey> = match &pool {
+                        None => table.available().collect(),
+                        Some(pool) => pool.clone(),
+                    };
+                    let candidates: Vec<AgentKey> = pool_keys
+                        .into_iter()
+                        .filter(|&k| {
+                            table.get(k).is_some_and(|a| {
+                                a.is_available()
+                                    && a.has_skills(&queue_skills)
+                                    && !declined.contains(&k)
+                                    && old.eligible(&info, k, a)
+                            })
+                        })
+                        .collect();
+                    let want = if candidates.is_empty() {
+                        None
+                    } else {
+                        let view = AgentsView::new(&table, &candidates);
+                        let picked = old.pick(&info, &view, 0);
+                        assert!(picked.is_some_and(|k| view.is_candidate(k)), "{config:?}: contract");
+                        picked
+                    };
+                    let (mut queue_ids, mut conv_ids) = (Vec::new(), Vec::new());
+                    let got = if table.resolve_skills(&queue_skills, &mut queue_ids) {
+                        let conv_known = table.resolve_skills(&conv_skills, &mut conv_ids);
+                        let query = RouteQuery {
+                            table: &table,
+                            queue_skills: &queue_ids,
+                            conv_skills: conv_known.then_some(conv_ids.as_slice()),
+                            declined: &declined,
+                            pool: pool.as_deref(),
+                            last_agent,
+                        };
+                        new.route(&query)
+                    } else {
+                        None
+                    };
+                    assert_eq!(got, want, "{config:?} seed {seed} step {step}: queue {queue_skills:?} conv {conv_skills:?}");
+                    decisions += usize::from(want.is_some());
+                    // Offer it, as the desk would, most of the time.
+                    if let Some(key) = want.filter(|_| below(&mut rng, 4) != 0) {
+                        offer_seq += 1;
+                        session += 1;
+                        assert!(table.reserve(key, &Text::from(format!("s{session}")), offer_seq));
+                    }
+                }
+                assert!(decisions > 20, "{config:?}: only {decisions} decisions");
+            }
+        }
     }
 
     #[test]
