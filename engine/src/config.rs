@@ -672,6 +672,32 @@ pub struct RateLimitsConfig {
     pub tenant_subscribes_per_s: u64,
 }
 
+impl RateLimitsConfig {
+    /// True when no bucket limits anything (every rate 0).
+    pub fn is_unlimited(&self) -> bool {
+        [
+            self.connection_publishes_per_s,
+            self.connection_publish_bytes_per_s,
+            self.connection_opens_per_s,
+            self.connection_subscribes_per_s,
+            self.tenant_publishes_per_s,
+            self.tenant_publish_bytes_per_s,
+            self.tenant_opens_per_s,
+            self.tenant_subscribes_per_s,
+        ]
+        .iter()
+        .all(|&rate| rate == 0)
+    }
+}
+
+impl Config {
+    /// True when some tenant (or the default) has a rate limit: otherwise the per-request
+    /// token-bucket check is skipped.
+    pub fn any_rate_limit(&self) -> bool {
+        !self.rate_limits.is_unlimited() || self.tenants.iter().any(|t| t.rate_limits.as_ref().is_some_and(|r| !r.is_unlimited()))
+    }
+}
+
 impl Default for RateLimitsConfig {
     fn default() -> Self {
         RateLimitsConfig {

@@ -87,6 +87,9 @@ pub struct Session {
     visible_seq: u64,
     history: VecDeque<StoredMessage>,
     history_messages_max: usize,
+    /// The largest `client_msg_id` ever appended: a larger one cannot be a repeat, so the
+    /// usual strictly increasing ids skip the scan of the window.
+    client_msg_id_max: u64,
     /// Read cursors: (participant, last seen seq). Few participants per conversation, so a
     /// vector beats a map.
     read_cursors: Vec<(Text, u64)>,
@@ -95,7 +98,7 @@ pub struct Session {
 impl Session {
     /// A new, empty session in `epoch`.
     pub fn new(epoch: u64, history_messages_max: usize) -> Session {
-        Session { epoch, head_seq: 0, visible_seq: 0, history: VecDeque::new(), history_messages_max, read_cursors: Vec::new() }
+        Session { epoch, head_seq: 0, visible_seq: 0, history: VecDeque::new(), history_messages_max, client_msg_id_max: 0, read_cursors: Vec::new() }
     }
 
     /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
@@ -105,7 +108,8 @@ impl Session {
         while history.len() > history_messages_max {
             history.pop_front();
         }
-        Session { epoch, head_seq, visible_seq: head_seq, history, history_messages_max, read_cursors: Vec::new() }
+        let client_msg_id_max = history.iter().map(|message| message.client_msg_id).max().unwrap_or(0);
+        Session { epoch, head_seq, visible_seq: head_seq, history, history_messages_max, client_msg_id_max, read_cursors: Vec::new() }
     }
 
     /// The last seq subscribers may see.
@@ -150,7 +154,7 @@ impl Session {
     /// The message becomes visible at once when `visible` is set; otherwise on
     /// [`Session::make_visible`].
     pub fn publish<E>(&mut self, sender: &str, client_msg_id: u64, visible: bool, encode: EncodeDeliver<'_, E>) -> Result<PublishOutcome, E> {
-        if client_msg_id != 0 {
+        if client_msg_id != 0 && client_msg_id <= self.client_msg_id_max {
             if let Some(original) = self
                 .history
                 .iter()
@@ -163,6 +167,7 @@ impl Session {
         let seq = self.head_seq + 1;
         let (frame, sender_at) = encode(self.epoch, seq)?;
         self.head_seq = seq;
+        self.client_msg_id_max = self.client_msg_id_max.max(client_msg_id);
         if visible {
             self.visible_seq = seq;
         }

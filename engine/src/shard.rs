@@ -239,6 +239,8 @@ pub struct Shard {
     tenant_durability: Vec<(String, DurabilityMode)>,
     /// The epoch the next new session gets.
     next_session_epoch: Cell<u64>,
+    /// Whether any rate limit is configured (else the token-bucket check is skipped).
+    rate_limited: bool,
     /// The customer-service side: desks of tenants hashed here, roles of local connections.
     desk: desk_host::DeskHost,
 }
@@ -299,6 +301,7 @@ impl Shard {
             .filter_map(|tenant| tenant.durability.filter(|&d| d != config.journal.durability).map(|d| (tenant.id.clone(), d)))
             .collect();
         let desk = desk_host::DeskHost::default();
+        let rate_limited = config.any_rate_limit();
         Rc::new_cyclic(|me| Shard {
             desk,
             me: me.clone(),
@@ -324,6 +327,7 @@ impl Shard {
             record_scratch: RefCell::new(Vec::new()),
             tenant_durability,
             next_session_epoch: Cell::new(epoch.max(1)),
+            rate_limited,
         })
     }
 
@@ -719,8 +723,7 @@ impl Shard {
     /// The session, created when new. A new session gets an epoch of its own, never handed
     /// out before: a session dropped by the idle sweep and created again must not let a client
     /// holding an old (epoch, seq) believe it resumed.
-    fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey) -> Option<&'a mut OwnedSession> {
-        let now_ms = Self::now_us() / 1000;
+    fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey, now_ms: u64) -> Option<&'a mut OwnedSession> {
         if !state.sessions.contains_key(key) {
             if state.sessions.len() >= self.config.limits.sessions_per_shard_max {
                 self.count(|c| c.session_limit_refusals_total += 1);
@@ -785,12 +788,12 @@ impl Shard {
         let PublishRequest { conn, correlation, ref key, client_msg_id, trace_id, ref sender, ref payload, ingress_raw } = *request;
         let mode = self.durability_of(&key.tenant);
         let journal = mode.journal().zip(self.journal.as_ref());
+        let timestamp_us = Self::now_us();
         let mut state = self.state.borrow_mut();
-        let Some(owned) = self.session_mut(&mut state, key) else {
+        let Some(owned) = self.session_mut(&mut state, key, timestamp_us / 1000) else {
             drop(state);
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
         };
-        let timestamp_us = Self::now_us();
         let mut ticket = None;
         let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {
             let frame = Frame::Deliver(Deliver {
@@ -1019,11 +1022,11 @@ impl Shard {
     fn owner_append(&self, key: &SessionKey, mut frame: Frame) -> bool {
         let journal = self.durability_of(&key.tenant).journal().zip(self.journal.as_ref());
         let mut state = self.state.borrow_mut();
-        let Some(owned) = self.session_mut(&mut state, key) else { return false };
+        let timestamp_us = Self::now_us();
+        let Some(owned) = self.session_mut(&mut state, key, timestamp_us / 1000) else { return false };
         if let Frame::ConversationEvent(event) = &frame {
             owned.ended = matches!(event.kind, ConversationEventKind::Closed | ConversationEventKind::Abandoned);
         }
-        let timestamp_us = Self::now_us();
         let mut ticket = None;
         let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {
             if let Frame::ConversationEvent(event) = &mut frame {
@@ -1131,7 +1134,7 @@ impl Shard {
 
     fn owner_subscribe(&self, origin: usize, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
         let mut state = self.state.borrow_mut();
-        let Some(owned) = self.session_mut(&mut state, &key) else {
+        let Some(owned) = self.session_mut(&mut state, &key, Self::now_us() / 1000) else {
             drop(state);
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
         };
