@@ -545,3 +545,113 @@ fn an_ended_conversation_is_dropped_after_its_linger() {
     assert_eq!(sup.subscribe("conv-1", ResumeFrom::Earliest).head_seq, 0, "conv-1 was dropped");
     engine.shutdown();
 }
+
+/// Each routing strategy, chosen in the tenant's desk configuration, decides over real sockets
+/// as it is documented to.
+#[test]
+fn every_strategy_routes_as_documented() {
+    use switchboard::config::StrategySpec;
+    let skilled = |agent: &str, capacity: u16, skills: &[&str]| {
+        Frame::AgentStatus(AgentStatus {
+            agent: agent.into(),
+            presence: AgentPresence::Online,
+            capacity,
+            load: 0,
+            skills: skills.iter().map(|&s| Text::from(s)).collect(),
+        })
+    };
+    let with = |strategy: StrategySpec, queues: Vec<QueueConfig>| {
+        let mut desk = short_desk();
+        desk.policy.strategy = strategy;
+        if !queues.is_empty() {
+            desk.policy.queues = queues;
+        }
+        common::start(config(3, desk, None))
+    };
+
+    // Least load: the second conversation goes to the agent with more room.
+    let engine = with(StrategySpec::LeastLoad, Vec::new());
+    let addr = engine.data_addr();
+    let (mut cus, mut ann, mut bob) = (
+        Client::connect(addr, "acme", "customer", "cus-1"),
+        Client::connect(addr, "acme", "agent", "ann"),
+        Client::connect(addr, "acme", "agent", "bob"),
+    );
+    ann.request_ok(&online("ann", 3));
+    bob.request_ok(&online("bob", 3));
+    cus.request_ok(&open("ll-1", "cus-1"));
+    cus.subscribe("ll-1", ResumeFrom::Earliest);
+    let first = cus.event("ll-1", Kind::Offered).agent;
+    let (taker, other) = if first == "ann" { (&mut ann, &mut bob) } else { (&mut bob, &mut ann) };
+    taker.notification("ll-1", Kind::Offered);
+    taker.request_ok(&respond("ll-1", &first, true));
+    cus.request_ok(&open("ll-2", "cus-1"));
+    cus.subscribe("ll-2", ResumeFrom::Earliest);
+    let second = cus.event("ll-2", Kind::Offered).agent;
+    assert_ne!(second, first, "least-load offered the busier agent");
+    other.notification("ll-2", Kind::Offered);
+    drop((cus, ann, bob));
+    engine.shutdown();
+
+    // Skill based: only the agent with the queue's skill is offered it, even with less room.
+    let billing = QueueConfig { name: "billing".into(), skills: vec!["billing".into()], wait_ms_max: 0, overflow: String::new() };
+    let default = QueueConfig { name: "default".into(), skills: Vec::new(), wait_ms_max: 0, overflow: String::new() };
+    let engine = with(StrategySpec::SkillBased, vec![default, billing]);
+    let addr = engine.data_addr();
+    let (mut cus, mut ann, mut bob) = (
+        Client::connect(addr, "acme", "customer", "cus-1"),
+        Client::connect(addr, "acme", "agent", "ann"),
+        Client::connect(addr, "acme", "agent", "bob"),
+    );
+    ann.request_ok(&skilled("ann", 5, &[]));
+    bob.request_ok(&skilled("bob", 1, &["billing"]));
+    let mut billing_open = open("sk-1", "cus-1");
+    if let Frame::OpenConversation(o) = &mut billing_open {
+        o.skills = vec!["billing".into()];
+    }
+    cus.request_ok(&billing_open);
+    cus.subscribe("sk-1", ResumeFrom::Earliest);
+    let queued = cus.event("sk-1", Kind::Queued);
+    assert_eq!(queued.queue, "billing");
+    assert_eq!(cus.event("sk-1", Kind::Offered).agent, "bob");
+    bob.notification("sk-1", Kind::Offered);
+    drop((cus, ann, bob));
+    engine.shutdown();
+
+    // Affinity: the customer's last agent, although least-load would pick the other one.
+    let engine = with(StrategySpec::Affinity { fallback: Box::new(StrategySpec::LeastLoad) }, Vec::new());
+    let addr = engine.data_addr();
+    let (mut cus, mut ann) = (Client::connect(addr, "acme", "customer", "cus-1"), Client::connect(addr, "acme", "agent", "ann"));
+    ann.request_ok(&online("ann", 3));
+    cus.request_ok(&open("af-1", "cus-1"));
+    ann.notification("af-1", Kind::Offered);
+    ann.request_ok(&respond("af-1", "ann", true));
+    ann.request_ok(&close("af-1", "done"));
+    let mut other = Client::connect(addr, "acme", "customer", "cus-2");
+    other.request_ok(&open("af-busy", "cus-2"));
+    ann.notification("af-busy", Kind::Offered);
+    ann.request_ok(&respond("af-busy", "ann", true));
+    let mut bob = Client::connect(addr, "acme", "agent", "bob");
+    bob.request_ok(&online("bob", 3));
+    cus.request_ok(&open("af-2", "cus-1"));
+    cus.subscribe("af-2", ResumeFrom::Earliest);
+    assert_eq!(cus.event("af-2", Kind::Offered).agent, "ann", "affinity ignored the customer's last agent");
+    drop((cus, ann, bob, other));
+    engine.shutdown();
+
+    // Business hours with no opening range: always out of hours, the offline outcome at once.
+    let hours = StrategySpec::BusinessHours { utc_offset_minutes: 0, open: Vec::new(), inner: Box::new(StrategySpec::LeastLoad) };
+    let engine = with(hours, Vec::new());
+    let addr = engine.data_addr();
+    let (mut cus, mut ann) = (Client::connect(addr, "acme", "customer", "cus-1"), Client::connect(addr, "acme", "agent", "ann"));
+    let mut sup = Client::connect(addr, "acme", "supervisor", "sup-1");
+    ann.request_ok(&online("ann", 3));
+    cus.request_ok(&open("bh-1", "cus-1"));
+    // Ended at once: the conversation's stream (read here by a supervisor) says why.
+    sup.subscribe("bh-1", ResumeFrom::Earliest);
+    let outcome = sup.event("bh-1", Kind::Overflowed);
+    assert_eq!((outcome.reason.as_str(), outcome.queue.as_str()), ("out of hours", ""));
+    assert!(ann.drain().iter().all(|f| !matches!(f, Frame::ConversationEvent(e) if e.session == "bh-1")), "an agent was offered it");
+    drop((cus, ann, sup));
+    engine.shutdown();
+}
