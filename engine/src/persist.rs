@@ -5,7 +5,7 @@
 //! - a message record's payload is `[tenant length: u8][tenant][client_msg_id: u64 LE]` followed
 //!   by the message's encoded DELIVER frame, exactly the bytes kept in memory history; the
 //!   desk's conversation events are in the session's seq order too, so they are message
-//!   records as well, holding a CONVERSATION_EVENT frame (client_msg_id 0);
+//!   records as well, holding a `CONVERSATION_EVENT` frame (`client_msg_id` 0);
 //! - a read-cursor record's payload is `[tenant length: u8][tenant][session length: u8][session]
 //!   [participant length: u8][participant]`, the cursor being the record's seq;
 //! - the conversation id is [`SessionKey::conversation_id`], a fixed-key hash: ids of different

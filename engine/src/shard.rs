@@ -898,7 +898,7 @@ impl Shard {
                 Some(ticket) => journal.acked(ticket).await,
                 None => Ok(()),
             };
-            self.answer(pending, result);
+            self.answer(pending, &result);
             answered += 1;
             if answered % 256 == 0 {
                 glommio::yield_if_needed().await;
@@ -921,7 +921,7 @@ impl Shard {
         }
     }
 
-    fn answer(&self, pending: PendingAck, result: Result<(), JournalError>) {
+    fn answer(&self, pending: PendingAck, result: &Result<(), JournalError>) {
         let PendingAck { event, origin, conn, correlation, key, client_msg_id, epoch, seq, durability, frame, ingress_raw, .. } = pending;
         let mut state = self.state.borrow_mut();
         let Some(owned) = state.sessions.get_mut(&key) else { return };

@@ -848,10 +848,10 @@ impl UringSender {
                 let this = this.clone();
                 async move { this.reap_loop().await }
             });
-            let flushed = this.flush_loop().await;
-            let reaped = reaper.await;
+            let flush_result = this.flush_loop().await;
+            let reap_result = reaper.await;
             this.inner.running.set(false);
-            flushed.and(reaped)
+            flush_result.and(reap_result)
         }
     }
 

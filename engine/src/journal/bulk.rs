@@ -13,6 +13,9 @@ use super::storage::Storage;
 use super::writer::Journal;
 use super::JournalError;
 
+/// (segment, frame offset) → (frame length, [(conversation, entry)]): what to read, frame by frame.
+type FramesWanted = BTreeMap<(u64, u32), (u32, Vec<(u64, IndexEntry)>)>;
+
 /// What [`Journal::read_all_retained`] returned.
 #[derive(Debug, Default)]
 pub struct BulkRead {
@@ -30,8 +33,7 @@ impl<S: Storage> Journal<S> {
     /// The newest `messages_max` retained messages and every retained state record of every
     /// conversation, each frame read once.
     pub async fn read_all_retained(&self, messages_max: usize) -> Result<BulkRead, JournalError> {
-        // (segment, frame offset) → (frame length, [(conversation, entry)]).
-        let mut frames: BTreeMap<(u64, u32), (u32, Vec<(u64, IndexEntry)>)> = BTreeMap::new();
+        let mut frames: FramesWanted = BTreeMap::new();
         let files = {
             let st = self.inner.state.borrow();
             let heads: Vec<_> = st.index.heads().collect();
