@@ -11,6 +11,7 @@
 //!        │ sessions, conns │    │ sessions, conns │   ordered pair (requests, events)
 //!        │ mmap pool       │    │ mmap pool       │
 //!        │ io_uring sender │    │ io_uring sender │   one submit flushes many sockets
+//!        │ journal, desks  │    │ journal, desks  │   O_DIRECT group commit; tenants' desks
 //!        └────────▲────────┘    └────────▲────────┘
 //!                 └──── flume ───┬───────┘
 //!                       control threads: /healthz /readyz /metrics /v1
@@ -21,7 +22,8 @@
 //! - [`connection`]: one client connection: handshake, decode, dispatch.
 //! - [`shard`]: what one shard owns; publish, subscribe, resume, fan-out.
 //! - [`session`]: one session's seq, epoch, history and idempotency window (no I/O).
-//! - [`persist`]: what the journal keeps for sessions, and restoring them at start.
+//! - [`journal`]: the per-shard durable journal (segments, group commit, recovery, retention,
+//!   compaction); [`persist`]: what it keeps for sessions, and restoring them at start.
 //! - [`mesh`]: messages between shards and the ordered links that carry them.
 //! - [`pool`]: the per-shard mmap buffer pool with ref-counted leases.
 //! - [`uring`]: the per-shard io_uring sender (batched, ordered, bounded per connection).
@@ -30,6 +32,7 @@
 //! - [`auth`]: tenants and HELLO token verification; [`rate`]: token buckets.
 //! - [`cs`]: the customer-service domain (desks, routing, access rules), plain Rust; the shard
 //!   hosts each tenant's desk on `mesh::tenant_shard(tenant)` and carries out its effects.
+//! - [`timer`]: the hierarchical timer wheel the desks' timers run on.
 //! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type.
 
 pub mod auth;
