@@ -33,7 +33,8 @@
 //! - [`cs`]: the customer-service domain (desks, routing, access rules), plain Rust; the shard
 //!   hosts each tenant's desk on `mesh::tenant_shard(tenant)` and carries out its effects.
 //! - [`timer`]: the hierarchical timer wheel the desks' timers run on.
-//! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type.
+//! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type; [`notify`]:
+//!   the one-waiter wake-up the shard's background tasks wait on.
 
 pub mod auth;
 pub mod config;
@@ -42,6 +43,7 @@ pub mod control;
 pub mod cs;
 pub mod journal;
 pub mod mesh;
+pub mod notify;
 pub mod metrics;
 pub mod persist;
 pub mod pool;

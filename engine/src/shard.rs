@@ -30,6 +30,7 @@ use switchboard_protocol::{
 
 use crate::config::{Config, DurabilityMode};
 use crate::journal::{DmaStorage, Health, Journal, JournalError, JournalStats, Record, RecordKind, Ticket};
+use crate::notify::Notify;
 use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
 use crate::persist;
 use crate::pool::BufferPool;
@@ -98,33 +99,6 @@ struct PendingAck {
     /// The DELIVER frame to fan out once acknowledged (`None` for a duplicate).
     frame: Option<Bytes>,
     ingress_raw: u64,
-}
-
-/// Wakes the one task that waits on it (the acknowledgement task).
-#[derive(Default)]
-struct Wakeup {
-    set: Cell<bool>,
-    waker: RefCell<Option<std::task::Waker>>,
-}
-
-impl Wakeup {
-    fn notify(&self) {
-        self.set.set(true);
-        if let Some(waker) = self.waker.borrow_mut().take() {
-            waker.wake();
-        }
-    }
-
-    async fn wait(&self) {
-        std::future::poll_fn(|cx| {
-            if self.set.replace(false) {
-                return std::task::Poll::Ready(());
-            }
-            *self.waker.borrow_mut() = Some(cx.waker().clone());
-            std::task::Poll::Pending
-        })
-        .await;
-    }
 }
 
 /// A connection as the shard sees it.
@@ -232,7 +206,7 @@ pub struct Shard {
     journal: Option<Journal<DmaStorage>>,
     /// Journaled publishes waiting for their acknowledgement, oldest first.
     acks: RefCell<VecDeque<PendingAck>>,
-    acks_wakeup: Wakeup,
+    acks_wakeup: Notify,
     /// Reused for encoding journal records.
     record_scratch: RefCell<Vec<u8>>,
     /// Tenants whose durability differs from `config.journal.durability`.
@@ -323,7 +297,7 @@ impl Shard {
             auth,
             journal,
             acks: RefCell::new(VecDeque::new()),
-            acks_wakeup: Wakeup::default(),
+            acks_wakeup: Notify::default(),
             record_scratch: RefCell::new(Vec::new()),
             tenant_durability,
             next_session_epoch: Cell::new(epoch.max(1)),

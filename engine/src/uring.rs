@@ -77,15 +77,15 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::task::{Poll, Waker};
 
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
+use crate::notify::Notify;
 use crate::pool::Lease;
 
 /// One outbound buffer. A message encoded once is queued as clones of the same `Pooled`
@@ -555,38 +555,10 @@ impl State {
     }
 }
 
-/// Wakes the flusher at most once per turn, however many times it is notified.
-#[derive(Default)]
-struct Notify {
-    pending: Cell<bool>,
-    waker: Cell<Option<Waker>>,
-}
-
-impl Notify {
-    fn notify(&self) {
-        if !self.pending.replace(true) {
-            if let Some(w) = self.waker.take() {
-                w.wake();
-            }
-        }
-    }
-
-    async fn wait(&self) {
-        poll_fn(|cx| {
-            if self.pending.replace(false) {
-                Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await;
-    }
-}
-
 struct Inner {
     ring: RefCell<IoUring>,
     state: RefCell<State>,
+    /// Wakes the flusher at most once per turn, however many times it is notified.
     flush_wake: Notify,
     eventfd: OwnedFd,
     cfg: SenderConfig,

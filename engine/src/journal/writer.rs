@@ -17,7 +17,7 @@
 //!
 //! Never holds the state borrow across an await.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::io;
@@ -34,6 +34,7 @@ use super::format::{
 use super::index::{ConversationIndex, IndexEntry, Location, SnapshotMeta};
 use super::storage::{is_no_space, Storage, StorageFile};
 use super::{Durability, JournalConfig, JournalError};
+use crate::notify::Notify;
 
 /// File name of the segment whose first position is `base`.
 pub fn segment_name(base: u64) -> String {
@@ -183,7 +184,8 @@ pub(super) struct Inner<S: Storage> {
     pub(super) config: JournalConfig,
     pub(super) shard: u32,
     pub(super) state: RefCell<State<S::File>>,
-    work: Signal,
+    /// The committer waits on it; appends notify it.
+    work: Notify,
 }
 
 /// One shard's journal. Cheap to clone (shared within the shard's executor; not Send).
@@ -302,7 +304,7 @@ fn io_err(op: &'static str, e: &io::Error) -> JournalError {
 
 impl<S: Storage> Journal<S> {
     pub(super) fn from_parts(storage: S, config: JournalConfig, shard: u32, state: State<S::File>) -> Self {
-        Self { inner: Rc::new(Inner { storage, config, shard, state: RefCell::new(state), work: Signal::default() }) }
+        Self { inner: Rc::new(Inner { storage, config, shard, state: RefCell::new(state), work: Notify::default() }) }
     }
 
     /// The configuration it runs with.
@@ -915,41 +917,6 @@ impl<S: Storage> Future for Acked<S> {
             Health::Healthy | Health::NoSpace => {}
         }
         st.waiters.push(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-/// A one-consumer wake-up: the committer waits, appends notify.
-#[derive(Default)]
-struct Signal {
-    set: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
-}
-
-impl Signal {
-    fn notify(&self) {
-        self.set.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
-        }
-    }
-
-    fn wait(&self) -> SignalWait<'_> {
-        SignalWait { signal: self }
-    }
-}
-
-struct SignalWait<'a> {
-    signal: &'a Signal,
-}
-
-impl Future for SignalWait<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.signal.set.replace(false) {
-            return Poll::Ready(());
-        }
-        *self.signal.waker.borrow_mut() = Some(cx.waker().clone());
         Poll::Pending
     }
 }
