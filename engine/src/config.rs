@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use switchboard_protocol::limits::ID_BYTES_MAX;
 use switchboard_protocol::Text;
 
+/// The history ring holds at least this many largest frames.
+const HISTORY_FRAMES_MIN: usize = 4;
+
 /// Largest DELIVER frame minus its payload: header, two maximal ids and the fixed fields.
 pub const DELIVER_OVERHEAD_BYTES_MAX: usize = 16 + (1 + 128) + 8 + 8 + 8 + 16 + (1 + 128) + 4;
 
@@ -772,6 +775,11 @@ pub struct LimitsConfig {
     pub subscriptions_per_connection_max: u32,
     /// Messages kept per session for resume (and the idempotency window).
     pub history_messages_max: u32,
+    /// Bytes of history one shard keeps, in one ring shared by its sessions: the oldest
+    /// messages are overwritten first, so a session keeps fewer than `history_messages_max`
+    /// when the shard's recent traffic no longer fits (resumes reaching further back are told
+    /// `recovered = false`). Reserved at start, used as written.
+    pub history_bytes_per_shard: usize,
     /// Most sessions one shard holds.
     pub sessions_per_shard_max: usize,
     /// A session nobody subscribes to and nobody has published to for this long is dropped
@@ -865,6 +873,7 @@ impl Default for LimitsConfig {
             payload_bytes_max: 64 * 1024,
             subscriptions_per_connection_max: 100_000,
             history_messages_max: 128,
+            history_bytes_per_shard: 32 << 20,
             sessions_per_shard_max: 2_000_000,
             session_idle_ms: 1_800_000,
             closed_session_linger_ms: 60_000,
@@ -965,6 +974,12 @@ impl Config {
         }
         if limits.history_messages_max == 0 {
             return invalid("limits.history_messages_max", "must be at least 1");
+        }
+        if limits.history_bytes_per_shard < HISTORY_FRAMES_MIN * (limits.frame_body_bytes_max as usize + 64) {
+            return Err(ConfigError::Invalid {
+                key: "limits.history_bytes_per_shard",
+                problem: format!("must hold at least {HISTORY_FRAMES_MIN} largest frames (frame_body_bytes_max + 64 bytes each)"),
+            });
         }
         if limits.outbound_bytes_max < limits.frame_body_bytes_max as usize + 64 {
             return invalid("limits.outbound_bytes_max", "must hold at least one largest frame");

@@ -41,6 +41,7 @@ pub mod config;
 pub mod connection;
 pub mod control;
 pub mod cs;
+pub mod history;
 pub mod journal;
 pub mod mesh;
 pub mod notify;

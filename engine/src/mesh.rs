@@ -54,6 +54,9 @@ impl SessionKey {
     /// SipHash with fixed keys (std's `DefaultHasher::new()`), so every process, and any client
     /// that wants to predict placement, computes the same shard.
     pub fn shard(&self, shards: usize) -> usize {
+        if shards <= 1 {
+            return 0;
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         self.tenant.as_str().hash(&mut hasher);
         self.session.as_str().hash(&mut hasher);
@@ -74,6 +77,9 @@ impl SessionKey {
 /// The shard that holds `tenant`'s desk (its agents, queues and conversation states):
 /// `hash(tenant) % shards`, with the same fixed-key `SipHash` as [`SessionKey::shard`].
 pub fn tenant_shard(tenant: &Text, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     tenant.as_str().hash(&mut hasher);
     (hasher.finish() % shards as u64) as usize

@@ -26,6 +26,7 @@ use switchboard_protocol::{Frame, Limits, Text, HEADER_BYTES};
 
 use crate::journal::{DmaStorage, Journal, JournalError, RecordKind, StoredRecord};
 use crate::mesh::SessionKey;
+use crate::history::HistoryLog;
 use crate::session::{Session, StoredMessage};
 
 /// Bytes of a message record's payload before its DELIVER frame.
@@ -152,6 +153,7 @@ pub async fn restore_sessions(
     keep_epochs: bool,
     fresh_epoch: &mut dyn FnMut() -> u64,
     history_messages_max: usize,
+    log: &mut HistoryLog,
 ) -> Result<(Vec<(SessionKey, Session)>, RestoreStats), JournalError> {
     let read = journal.read_all_retained(history_messages_max).await?;
     let mut stats = RestoreStats { damaged_frames: u64::from(read.damaged_frames), ..RestoreStats::default() };
@@ -196,7 +198,7 @@ pub async fn restore_sessions(
         };
         let head_seq = history.last().map_or(0, |message| message.seq);
         stats.messages += history.len().min(history_messages_max) as u64;
-        let mut session = Session::restored(epoch, history_messages_max, head_seq, history);
+        let mut session = Session::restored(epoch, history_messages_max, head_seq, history, log);
         for (participant, seq) in cursors.remove(&key).unwrap_or_default() {
             session.set_read_cursor(&participant, seq);
             stats.read_cursors += 1;

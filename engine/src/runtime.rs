@@ -21,6 +21,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::Config;
 use crate::control::{self, ControlHandle, ShardRequest};
+use crate::history::HistoryLog;
 use crate::journal::{DmaStorage, Journal};
 use crate::persist;
 use crate::mesh::{new_epoch, Event, PeerLink, Request};
@@ -278,9 +279,13 @@ async fn run_shard(wiring: ShardWiring) {
         Ok(sender) => sender,
         Err(error) => return fail(format!("io_uring: {error}")),
     };
+    let mut history = match HistoryLog::new(wiring.config.limits.history_bytes_per_shard) {
+        Ok(history) => history,
+        Err(error) => return fail(format!("history ring of {} bytes: {error}", wiring.config.limits.history_bytes_per_shard)),
+    };
     let (journal, epoch, restored) = match wiring.layout {
         None => (None, wiring.epoch, Vec::new()),
-        Some(_) => match open_journal(index, &wiring.config, wiring.epoch).await {
+        Some(_) => match open_journal(index, &wiring.config, wiring.epoch, &mut history).await {
             Ok((journal, epoch, restored)) => (Some(journal), epoch, restored),
             Err(reason) => return fail(reason),
         },
@@ -297,7 +302,7 @@ async fn run_shard(wiring: ShardWiring) {
     let requests_out = wiring.requests_out.into_iter().map(|ring| ring.map(|ring| start_pump(ring, backlog))).collect();
     let events_out = wiring.events_out.into_iter().map(|ring| ring.map(|ring| start_pump(ring, backlog))).collect();
     let shard =
-        Shard::new(index, wiring.shards, wiring.config.clone(), epoch, pool, sender, requests_out, events_out, wiring.clock, journal);
+        Shard::new(index, wiring.shards, wiring.config.clone(), epoch, pool, history, sender, requests_out, events_out, wiring.clock, journal);
     shard.restore(restored);
     if let Some(journal) = shard.journal().cloned() {
         glommio::spawn_local(async move {
@@ -357,6 +362,7 @@ async fn open_journal(
     index: usize,
     config: &Config,
     start_epoch: u64,
+    history_log: &mut HistoryLog,
 ) -> Result<(Journal<DmaStorage>, u64, Vec<(crate::mesh::SessionKey, crate::session::Session)>), String> {
     let dir = persist::shard_dir(&config.server.data_dir, index);
     let started = std::time::Instant::now();
@@ -377,7 +383,7 @@ async fn open_journal(
     };
     let keep_epochs = !report.acked_may_be_missing;
     let (sessions, stats) =
-        persist::restore_sessions(&journal, keep_epochs, &mut fresh_epoch, history).await.map_err(|error| format!("journal {}: {error}", dir.display()))?;
+        persist::restore_sessions(&journal, keep_epochs, &mut fresh_epoch, history, history_log).await.map_err(|error| format!("journal {}: {error}", dir.display()))?;
     let epoch = next_epoch;
     tracing::info!(
         shard = index,

@@ -1,19 +1,18 @@
 //! One session's state on its owning shard: seq, epoch, history and the idempotency window.
 //!
-//! Plain Rust, no I/O and no clock (`now_us` is an argument), so the ordering and resume rules
-//! are unit-tested here, away from sockets. Only the owning shard ever holds a [`Session`];
-//! other shards learn about it through the mesh.
+//! Plain Rust, no I/O and no clock, so the ordering and resume rules are unit-tested here,
+//! away from sockets. Only the owning shard ever holds a [`Session`]; other shards learn
+//! about it through the mesh. The frames of its history live in the shard's [`HistoryLog`];
+//! the session keeps where they are, so every method that reads a frame takes the log.
 
 use std::collections::VecDeque;
 
 use bytes::Bytes;
 use switchboard_protocol::{ResumeFrom, Text};
 
-/// A message as kept in history: its encoded DELIVER frame, ready to replay as is.
-///
-/// One allocation per message holds everything (ids, payload); replay and cross-shard fan-out
-/// share it instead of re-encoding. The sender is found inside the frame for the idempotency
-/// check, so it is not stored twice.
+use crate::history::{HistoryLog, LogSpan};
+
+/// A message handed to [`Session::restored`]: read back from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     /// Position in the session.
@@ -24,13 +23,6 @@ pub struct StoredMessage {
     sender_at: (u16, u8),
     /// The encoded DELIVER frame (correlation 0).
     pub frame: Bytes,
-}
-
-impl StoredMessage {
-    fn sender(&self) -> &[u8] {
-        let (offset, len) = (usize::from(self.sender_at.0), usize::from(self.sender_at.1));
-        self.frame.get(offset..offset + len).unwrap_or_default()
-    }
 }
 
 impl StoredMessage {
@@ -46,9 +38,36 @@ impl StoredMessage {
     }
 }
 
-/// Encodes the DELIVER frame of a new message (and journals it, when the session is durable);
-/// returns it and where its sender id is. An error leaves the session unchanged.
-pub type EncodeDeliver<'a, E> = &'a mut dyn FnMut(u64, u64) -> Result<(Bytes, (u16, u8)), E>;
+/// One message of a session's history: where its frame is in the log, and what the
+/// idempotency check needs without reading the frame. Plain data (no destructor), so
+/// forgetting the oldest costs nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HistoryEntry {
+    seq: u64,
+    client_msg_id: u64,
+    pos: u64,
+    len: u32,
+    /// Where the sender id sits inside the frame.
+    sender_offset: u16,
+    sender_len: u8,
+}
+
+impl HistoryEntry {
+    fn span(&self) -> LogSpan {
+        LogSpan { pos: self.pos, len: self.len }
+    }
+
+    /// The sender id, unless the frame was overwritten.
+    fn sender<'a>(&self, log: &'a HistoryLog) -> Option<&'a [u8]> {
+        let (offset, len) = (usize::from(self.sender_offset), usize::from(self.sender_len));
+        log.get(self.span())?.get(offset..offset + len)
+    }
+}
+
+/// Encodes the DELIVER frame of a new message into the log (and journals it, when the session
+/// is durable); returns where it is and where its sender id sits inside it. An error leaves
+/// the session unchanged.
+pub type EncodeDeliver<'a, E> = &'a mut dyn FnMut(u64, u64, &mut HistoryLog) -> Result<(LogSpan, (u16, u8)), E>;
 
 /// What a PUBLISH did to the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +104,9 @@ pub struct Session {
     head_seq: u64,
     /// Every message up to here is acknowledged and may be delivered.
     visible_seq: u64,
-    history: VecDeque<StoredMessage>,
+    /// The newest messages, oldest first, seqs increasing; the oldest may have been
+    /// overwritten in the log (they are skipped as if evicted).
+    history: VecDeque<HistoryEntry>,
     history_messages_max: usize,
     /// The largest `client_msg_id` ever appended: a larger one cannot be a repeat, so the
     /// usual strictly increasing ids skip the scan of the window.
@@ -102,13 +123,18 @@ impl Session {
     }
 
     /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
-    /// all acknowledged; `head_seq` is the last seq it assigned.
-    pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>) -> Session {
-        let mut history: VecDeque<StoredMessage> = messages.into();
-        while history.len() > history_messages_max {
-            history.pop_front();
+    /// all acknowledged; `head_seq` is the last seq it assigned. Their frames are copied into
+    /// `log` (a frame the log refuses is left out, like an evicted one).
+    pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>, log: &mut HistoryLog) -> Session {
+        let skip = messages.len().saturating_sub(history_messages_max);
+        let mut history = VecDeque::with_capacity(messages.len() - skip);
+        let mut client_msg_id_max = 0;
+        for message in messages.into_iter().skip(skip) {
+            client_msg_id_max = client_msg_id_max.max(message.client_msg_id);
+            if let Some(span) = log.append(&message.frame) {
+                history.push_back(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at));
+            }
         }
-        let client_msg_id_max = history.iter().map(|message| message.client_msg_id).max().unwrap_or(0);
         Session { epoch, head_seq, visible_seq: head_seq, history, history_messages_max, client_msg_id_max, read_cursors: Vec::new() }
     }
 
@@ -141,53 +167,69 @@ impl Session {
         self.head_seq
     }
 
-    /// The oldest seq still in history, if any.
-    pub fn oldest_seq(&self) -> Option<u64> {
-        self.history.front().map(|message| message.seq)
+    /// Index in `history` of the oldest message whose frame is still in the log. Frames are
+    /// written in seq order, so the overwritten ones are a prefix.
+    fn first_intact(&self, log: &HistoryLog) -> usize {
+        self.history.partition_point(|message| !log.intact(message.span()))
+    }
+
+    /// The oldest seq still in history (and in the log), if any.
+    pub fn oldest_seq(&self, log: &HistoryLog) -> Option<u64> {
+        self.history.get(self.first_intact(log)).map(|message| message.seq)
     }
 
     /// Appends a message unless (sender, client_msg_id) is already in the window.
     ///
-    /// `encode(epoch, seq)` builds the message's DELIVER frame; it is called only for a new
-    /// message. The idempotency window is the history: a repeat older than that is appended
-    /// again, as documented in PROTOCOL.md.
+    /// `encode(epoch, seq, log)` writes the message's DELIVER frame into the log; it is called
+    /// only for a new message. The idempotency window is the history: a repeat older than that
+    /// is appended again, as documented in PROTOCOL.md.
     /// The message becomes visible at once when `visible` is set; otherwise on
     /// [`Session::make_visible`].
-    pub fn publish<E>(&mut self, sender: &str, client_msg_id: u64, visible: bool, encode: EncodeDeliver<'_, E>) -> Result<PublishOutcome, E> {
+    pub fn publish<E>(
+        &mut self,
+        log: &mut HistoryLog,
+        sender: &str,
+        client_msg_id: u64,
+        visible: bool,
+        encode: EncodeDeliver<'_, E>,
+    ) -> Result<PublishOutcome, E> {
         if client_msg_id != 0 && client_msg_id <= self.client_msg_id_max {
-            if let Some(original) = self
-                .history
-                .iter()
-                .rev()
-                .find(|message| message.client_msg_id == client_msg_id && message.sender() == sender.as_bytes())
-            {
-                return Ok(PublishOutcome::Duplicate(original.seq));
+            for message in self.history.iter().rev() {
+                if !log.intact(message.span()) {
+                    // Overwritten in the log, and everything older with it: out of the window.
+                    break;
+                }
+                if message.client_msg_id == client_msg_id && message.sender(log) == Some(sender.as_bytes()) {
+                    return Ok(PublishOutcome::Duplicate(message.seq));
+                }
             }
         }
         let seq = self.head_seq + 1;
-        let (frame, sender_at) = encode(self.epoch, seq)?;
+        let (span, sender_at) = encode(self.epoch, seq, log)?;
         self.head_seq = seq;
         self.client_msg_id_max = self.client_msg_id_max.max(client_msg_id);
         if visible {
             self.visible_seq = seq;
         }
-        if self.history.len() == self.history_messages_max {
+        if self.history.len() >= self.history_messages_max {
+            // Plain data: nothing is read or freed.
             self.history.pop_front();
         }
-        self.history.push_back(StoredMessage { seq, client_msg_id, sender_at, frame });
+        self.history.push_back(HistoryEntry::new(seq, client_msg_id, span, sender_at));
         Ok(PublishOutcome::Appended(seq))
     }
 
-    /// The message just appended (after [`Session::publish`] returned `Appended`).
-    pub fn last(&self) -> Option<&StoredMessage> {
-        self.history.back()
+    /// The frame of the message just appended (after [`Session::publish`] returned
+    /// `Appended`), or `None` if the log no longer holds it.
+    pub fn last_frame<'a>(&self, log: &'a HistoryLog) -> Option<&'a [u8]> {
+        log.get(self.history.back()?.span())
     }
 
     /// Decides what a subscription starting at `from` replays and whether that is complete.
     /// Only visible messages count: the plan's head is the last visible seq.
-    pub fn plan_resume(&self, from: ResumeFrom) -> ResumePlan {
+    pub fn plan_resume(&self, from: ResumeFrom, log: &HistoryLog) -> ResumePlan {
         let head_seq = self.visible_seq;
-        let oldest = self.oldest_seq().unwrap_or(head_seq + 1).min(head_seq + 1);
+        let oldest = self.oldest_seq(log).unwrap_or(head_seq + 1).min(head_seq + 1);
         let (replay_from_seq, recovered) = match from {
             ResumeFrom::Live => (head_seq + 1, true),
             ResumeFrom::Earliest => (oldest, oldest <= 1),
@@ -205,14 +247,11 @@ impl Session {
         ResumePlan { epoch: self.epoch, head_seq, replay_from_seq, recovered }
     }
 
-    /// Visible messages with seq >= `from_seq`, oldest first.
-    pub fn replay(&self, from_seq: u64) -> impl Iterator<Item = &StoredMessage> {
-        let skip = match self.oldest_seq() {
-            Some(oldest) if from_seq > oldest => (from_seq - oldest) as usize,
-            _ => 0,
-        };
+    /// Frames of the visible messages with seq >= `from_seq`, oldest first.
+    pub fn replay<'a>(&'a self, from_seq: u64, log: &'a HistoryLog) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let start = self.first_intact(log).max(self.history.partition_point(|message| message.seq < from_seq));
         let visible = self.visible_seq;
-        self.history.iter().skip(skip).take_while(move |message| message.seq <= visible)
+        self.history.range(start..).take_while(move |message| message.seq <= visible).map_while(|message| log.get(message.span()))
     }
 
     /// The read cursors, for the journal.
@@ -232,74 +271,106 @@ impl Session {
     }
 }
 
+impl HistoryEntry {
+    fn new(seq: u64, client_msg_id: u64, span: LogSpan, sender_at: (u16, u8)) -> HistoryEntry {
+        HistoryEntry { seq, client_msg_id, pos: span.pos, len: span.len, sender_offset: sender_at.0, sender_len: sender_at.1 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A stand-in encoder: the frame is "sender|epoch|seq", the sender at offset 0.
-    fn encoder(sender: &'static str) -> impl FnMut(u64, u64) -> Result<(Bytes, (u16, u8)), ()> {
-        move |epoch, seq| Ok((Bytes::from(format!("{sender}|{epoch}|{seq}")), (0, sender.len() as u8)))
+    fn encoder(sender: &'static str) -> impl FnMut(u64, u64, &mut HistoryLog) -> Result<(LogSpan, (u16, u8)), ()> {
+        move |epoch, seq, log| Ok((log.append(format!("{sender}|{epoch}|{seq}").as_bytes()).ok_or(())?, (0, sender.len() as u8)))
     }
 
-    fn publish(session: &mut Session, sender: &'static str, id: u64) -> PublishOutcome {
-        session.publish(sender, id, true, &mut encoder(sender)).unwrap()
+    fn publish(session: &mut Session, log: &mut HistoryLog, sender: &'static str, id: u64) -> PublishOutcome {
+        session.publish(log, sender, id, true, &mut encoder(sender)).unwrap()
     }
 
-    fn session_with(count: u64, history: usize) -> Session {
+    fn session_with(count: u64, history: usize) -> (Session, HistoryLog) {
+        let mut log = HistoryLog::new(1 << 16).unwrap();
         let mut session = Session::new(7, history);
         for _ in 0..count {
-            publish(&mut session, "alice", 0);
+            publish(&mut session, &mut log, "alice", 0);
         }
-        session
+        (session, log)
+    }
+
+    fn seqs(session: &Session, from: u64, log: &HistoryLog) -> Vec<String> {
+        session.replay(from, log).map(|frame| String::from_utf8_lossy(frame).into_owned()).collect()
     }
 
     #[test]
     fn seqs_are_consecutive_and_history_is_bounded() {
-        let session = session_with(10, 4);
+        let (session, log) = session_with(10, 4);
         assert_eq!(session.head_seq(), 10);
-        assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
-        assert_eq!(&session.last().unwrap().frame[..], b"alice|7|10");
+        assert_eq!(seqs(&session, 0, &log), ["alice|7|7", "alice|7|8", "alice|7|9", "alice|7|10"]);
+        assert_eq!(session.last_frame(&log), Some(&b"alice|7|10"[..]));
     }
 
     #[test]
     fn duplicate_client_msg_id_returns_the_original_seq() {
+        let mut log = HistoryLog::new(1 << 16).unwrap();
         let mut session = Session::new(1, 8);
-        assert_eq!(publish(&mut session, "alice", 42), PublishOutcome::Appended(1));
-        assert_eq!(publish(&mut session, "alice", 43), PublishOutcome::Appended(2));
-        let mut never = |_: u64, _: u64| -> Result<(Bytes, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
-        assert_eq!(session.publish("alice", 42, true, &mut never), Ok(PublishOutcome::Duplicate(1)));
+        assert_eq!(publish(&mut session, &mut log, "alice", 42), PublishOutcome::Appended(1));
+        assert_eq!(publish(&mut session, &mut log, "alice", 43), PublishOutcome::Appended(2));
+        let mut never = |_: u64, _: u64, _: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
+        assert_eq!(session.publish(&mut log, "alice", 42, true, &mut never), Ok(PublishOutcome::Duplicate(1)));
         // The same id from another sender is another message.
-        assert_eq!(publish(&mut session, "bob", 42), PublishOutcome::Appended(3));
+        assert_eq!(publish(&mut session, &mut log, "bob", 42), PublishOutcome::Appended(3));
         assert_eq!(session.head_seq(), 3);
     }
 
     #[test]
     fn resume_inside_history_is_recovered_without_gap() {
-        let session = session_with(10, 4);
-        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 8 });
+        let (session, log) = session_with(10, 4);
+        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 8 }, &log);
         assert_eq!((plan.replay_from_seq, plan.recovered), (9, true));
-        assert_eq!(session.replay(plan.replay_from_seq).map(|m| m.seq).collect::<Vec<_>>(), vec![9, 10]);
-        let caught_up = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 10 });
+        assert_eq!(seqs(&session, plan.replay_from_seq, &log), ["alice|7|9", "alice|7|10"]);
+        let caught_up = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 10 }, &log);
         assert_eq!((caught_up.replay_from_seq, caught_up.recovered), (11, true));
-        assert_eq!(session.replay(11).count(), 0);
+        assert_eq!(session.replay(11, &log).count(), 0);
     }
 
     #[test]
     fn resume_older_than_history_or_other_epoch_is_not_recovered() {
-        let session = session_with(10, 4);
-        let too_old = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 2 });
+        let (session, log) = session_with(10, 4);
+        let too_old = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 2 }, &log);
         assert_eq!((too_old.replay_from_seq, too_old.recovered), (7, false));
-        let other_epoch = session.plan_resume(ResumeFrom::After { epoch: 6, seq: 9 });
+        let other_epoch = session.plan_resume(ResumeFrom::After { epoch: 6, seq: 9 }, &log);
         assert!(!other_epoch.recovered);
-        let from_future = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 11 });
+        let from_future = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 11 }, &log);
         assert!(!from_future.recovered);
-        assert!(!session.plan_resume(ResumeFrom::Earliest).recovered);
-        assert!(session_with(3, 4).plan_resume(ResumeFrom::Earliest).recovered);
+        assert!(!session.plan_resume(ResumeFrom::Earliest, &log).recovered);
+        let (short, short_log) = session_with(3, 4);
+        assert!(short.plan_resume(ResumeFrom::Earliest, &short_log).recovered);
+    }
+
+    #[test]
+    fn messages_overwritten_in_the_log_leave_history_and_the_idempotency_window() {
+        // Room for about four 9-byte frames: the ring, not the message count, is the limit.
+        let mut log = HistoryLog::new(40).unwrap();
+        let mut session = Session::new(7, 100);
+        for id in 1..=6 {
+            publish(&mut session, &mut log, "alice", id);
+        }
+        assert_eq!(session.oldest_seq(&log), Some(3));
+        assert_eq!(seqs(&session, 0, &log), ["alice|7|3", "alice|7|4", "alice|7|5", "alice|7|6"]);
+        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 1 }, &log);
+        assert_eq!((plan.replay_from_seq, plan.recovered), (3, false));
+        assert!(session.plan_resume(ResumeFrom::After { epoch: 7, seq: 2 }, &log).recovered);
+        // Id 1's frame is gone: a repeat of it is a new message; id 5's is still there.
+        assert_eq!(publish(&mut session, &mut log, "alice", 1), PublishOutcome::Appended(7));
+        let mut never = |_: u64, _: u64, _: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
+        assert_eq!(session.publish(&mut log, "alice", 6, true, &mut never), Ok(PublishOutcome::Duplicate(6)));
     }
 
     #[test]
     fn read_cursors_only_move_forward_and_stay_within_head() {
-        let mut session = session_with(5, 8);
+        let (mut session, _log) = session_with(5, 8);
         let bob = Text::from("bob");
         assert_eq!(session.set_read_cursor(&bob, 3), 3);
         assert_eq!(session.set_read_cursor(&bob, 2), 3);
@@ -308,42 +379,43 @@ mod tests {
 
     #[test]
     fn invisible_messages_are_neither_planned_nor_replayed_until_acknowledged() {
-        let mut session = session_with(3, 8);
+        let (mut session, mut log) = session_with(3, 8);
         for _ in 0..2 {
-            session.publish("alice", 0, false, &mut encoder("alice")).unwrap();
+            session.publish(&mut log, "alice", 0, false, &mut encoder("alice")).unwrap();
         }
         assert_eq!((session.head_seq(), session.visible_seq()), (5, 3));
-        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 1 });
+        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 1 }, &log);
         assert_eq!((plan.head_seq, plan.replay_from_seq, plan.recovered), (3, 2, true));
-        assert_eq!(session.replay(2).map(|m| m.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(seqs(&session, 2, &log), ["alice|7|2", "alice|7|3"]);
         // A position past the visible head was never handed out.
-        assert!(!session.plan_resume(ResumeFrom::After { epoch: 7, seq: 4 }).recovered);
+        assert!(!session.plan_resume(ResumeFrom::After { epoch: 7, seq: 4 }, &log).recovered);
         session.make_visible(4);
-        assert_eq!(session.replay(2).map(|m| m.seq).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(seqs(&session, 2, &log), ["alice|7|2", "alice|7|3", "alice|7|4"]);
     }
 
     #[test]
     fn a_refused_append_changes_nothing_and_a_rollback_reuses_the_seqs() {
-        let mut session = session_with(2, 8);
-        let mut refuse = |_: u64, _: u64| -> Result<(Bytes, (u16, u8)), &'static str> { Err("journal full") };
-        assert_eq!(session.publish("alice", 9, false, &mut refuse), Err("journal full"));
+        let (mut session, mut log) = session_with(2, 8);
+        let mut refuse = |_: u64, _: u64, _: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), &'static str> { Err("journal full") };
+        assert_eq!(session.publish(&mut log, "alice", 9, false, &mut refuse), Err("journal full"));
         assert_eq!(session.head_seq(), 2);
-        session.publish("alice", 0, false, &mut encoder("alice")).unwrap();
-        session.publish("alice", 0, false, &mut encoder("alice")).unwrap();
+        session.publish(&mut log, "alice", 0, false, &mut encoder("alice")).unwrap();
+        session.publish(&mut log, "alice", 0, false, &mut encoder("alice")).unwrap();
         session.roll_back_invisible();
         assert_eq!((session.head_seq(), session.visible_seq()), (2, 2));
-        assert_eq!(publish(&mut session, "alice", 0), PublishOutcome::Appended(3));
-        assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(publish(&mut session, &mut log, "alice", 0), PublishOutcome::Appended(3));
+        assert_eq!(seqs(&session, 0, &log), ["alice|7|1", "alice|7|2", "alice|7|3"]);
     }
 
     #[test]
     fn a_restored_session_continues_its_seqs() {
+        let mut log = HistoryLog::new(1 << 16).unwrap();
         let messages = (4..=6).map(|seq| StoredMessage::restored(seq, seq * 10, (0, 5), Bytes::from(format!("alice|7|{seq}")))).collect();
-        let mut session = Session::restored(7, 2, 6, messages);
-        assert_eq!(session.replay(0).map(|m| m.seq).collect::<Vec<_>>(), vec![5, 6]);
+        let mut session = Session::restored(7, 2, 6, messages, &mut log);
+        assert_eq!(seqs(&session, 0, &log), ["alice|7|5", "alice|7|6"]);
         // The idempotency window survived.
-        let mut never = |_: u64, _: u64| -> Result<(Bytes, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
-        assert_eq!(session.publish("alice", 60, true, &mut never), Ok(PublishOutcome::Duplicate(6)));
-        assert_eq!(publish(&mut session, "alice", 0), PublishOutcome::Appended(7));
+        let mut never = |_: u64, _: u64, _: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), ()> { panic!("a duplicate is not encoded") };
+        assert_eq!(session.publish(&mut log, "alice", 60, true, &mut never), Ok(PublishOutcome::Duplicate(6)));
+        assert_eq!(publish(&mut session, &mut log, "alice", 0), PublishOutcome::Appended(7));
     }
 }

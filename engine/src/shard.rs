@@ -29,6 +29,7 @@ use switchboard_protocol::{
 };
 
 use crate::config::{Config, DurabilityMode};
+use crate::history::{HistoryLog, LogSpan};
 use crate::journal::{DmaStorage, Health, Journal, JournalError, JournalStats, Record, RecordKind, Ticket};
 use crate::notify::Notify;
 use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
@@ -57,8 +58,19 @@ impl ShardSet {
     fn contains(&self, shard: usize) -> bool {
         self.0[shard / 64] & (1 << (shard % 64)) != 0
     }
+    /// The members, lowest first: one step per member, not per possible shard (this runs for
+    /// every published message).
     fn iter(self) -> impl Iterator<Item = usize> {
-        (0..256).filter(move |&shard| self.contains(shard))
+        self.0.into_iter().enumerate().flat_map(|(word_index, word)| {
+            let mut rest = word;
+            std::iter::from_fn(move || {
+                (rest != 0).then(|| {
+                    let bit = rest.trailing_zeros() as usize;
+                    rest &= rest - 1;
+                    word_index * 64 + bit
+                })
+            })
+        })
     }
 }
 
@@ -134,11 +146,15 @@ impl std::hash::Hasher for ConnIdHasher {
 
 type ConnMap<V> = HashMap<ConnId, V, std::hash::BuildHasherDefault<ConnIdHasher>>;
 
-/// Session keys come from the network, so their maps keep std's randomly keyed SipHash.
+/// Session keys come from the network, so their maps are randomly keyed (a fresh seed per
+/// map): foldhash's quality variant, several times cheaper than std's SipHash for the short
+/// ids looked up on every publish.
+type SessionMap<V> = HashMap<SessionKey, V, foldhash::quality::RandomState>;
+
 #[derive(Default)]
 struct ShardState {
-    sessions: HashMap<SessionKey, OwnedSession>,
-    local: HashMap<SessionKey, LocalSubscribers>,
+    sessions: SessionMap<OwnedSession>,
+    local: SessionMap<LocalSubscribers>,
     conns: ConnMap<ConnEntry>,
 }
 
@@ -189,6 +205,8 @@ pub struct Shard {
     /// The io_uring sender all outbound bytes go through.
     pub sender: UringSender,
     state: RefCell<ShardState>,
+    /// Every message's frame, for resume and the idempotency window (see `history.rs`).
+    history: RefCell<HistoryLog>,
     requests_out: Vec<Option<Rc<PeerLink<Request>>>>,
     events_out: Vec<Option<Rc<PeerLink<Event>>>>,
     counters: Cell<ShardCounters>,
@@ -261,6 +279,7 @@ impl Shard {
         config: Arc<Config>,
         epoch: u64,
         pool: BufferPool,
+        history: HistoryLog,
         sender: UringSender,
         requests_out: Vec<Option<Rc<PeerLink<Request>>>>,
         events_out: Vec<Option<Rc<PeerLink<Event>>>>,
@@ -286,6 +305,7 @@ impl Shard {
             pool,
             sender,
             state: RefCell::new(ShardState::default()),
+            history: RefCell::new(history),
             requests_out,
             events_out,
             counters: Cell::new(ShardCounters::default()),
@@ -768,8 +788,9 @@ impl Shard {
             drop(state);
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
         };
+        let mut history = self.history.borrow_mut();
         let mut ticket = None;
-        let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {
+        let mut encode = |epoch: u64, seq: u64, log: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), AppendRefused> {
             let frame = Frame::Deliver(Deliver {
                 session: key.session.clone(),
                 epoch,
@@ -779,22 +800,21 @@ impl Shard {
                 sender: sender.clone(),
                 payload: payload.clone(),
             });
-            let encoded = self.encode_heap(&frame, 0);
+            let span = self.encode_into_history(log, &frame)?;
             if let Some((durability, journal)) = journal {
+                let encoded = log.get(span).unwrap_or_default();
                 let mut scratch = self.record_scratch.borrow_mut();
-                persist::encode_message(&mut scratch, &key.tenant, client_msg_id, &encoded);
+                persist::encode_message(&mut scratch, &key.tenant, client_msg_id, encoded);
                 let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
-                ticket = Some(journal.append(&record, durability)?);
+                ticket = Some(journal.append(&record, durability).map_err(AppendRefused::Journal)?);
             }
-            Ok((encoded, persist::deliver_sender_at(&key.session, sender)))
+            Ok((span, persist::deliver_sender_at(&key.session, sender)))
         };
-        let outcome = match owned.session.publish(sender.as_str(), client_msg_id, journal.is_none(), &mut encode) {
+        let outcome = match owned.session.publish(&mut history, sender.as_str(), client_msg_id, journal.is_none(), &mut encode) {
             Ok(outcome) => outcome,
-            Err(error) => {
-                drop(state);
-                self.count(|c| c.journal_refusals_total += 1);
-                let (code, message) = journal_refusal(&error);
-                tracing::debug!(shard = self.index, %error, "publish refused by the journal");
+            Err(refused) => {
+                drop((state, history));
+                let (code, message) = self.refusal(&refused);
                 return self.reply(origin, Event::Failed { conn, correlation, code, message });
             }
         };
@@ -822,28 +842,31 @@ impl Shard {
         };
         match outcome {
             PublishOutcome::Appended(_) if journal.is_some() => {
-                let frame = owned.session.last().expect("a message was just appended").frame.clone();
-                drop(state);
-                self.await_ack(publish_ack(ticket, Some(frame)));
+                let frame = owned.session.last_frame(&history).map(Bytes::copy_from_slice);
+                drop((state, history));
+                self.await_ack(publish_ack(ticket, frame));
             }
             PublishOutcome::Appended(seq) => {
-                let message = owned.session.last().expect("a message was just appended");
-                let (frame, interest) = (message.frame.clone(), owned.interest);
-                drop(state);
+                // Copied out of the ring (into a pool buffer, and one heap copy if other
+                // shards subscribe) before anything is sent: sending may close a slow consumer,
+                // and nothing reached from there may find the ring borrowed.
+                let interest = owned.interest;
+                let copies = self.copy_for_fanout(interest, owned.session.last_frame(&history).unwrap_or_default());
+                drop((state, history));
                 self.count(|c| c.publishes_total += 1);
                 let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
-                self.fanout_encoded(key, interest, frame, ingress_raw);
+                self.fanout_copies(key, copies, ingress_raw);
                 let session = key.session.clone();
                 self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability });
             }
             PublishOutcome::Duplicate(_) if seq > visible_seq => {
                 // The original is still waiting for the journal: answer after it.
-                drop(state);
+                drop((state, history));
                 self.count(|c| c.publishes_duplicate_total += 1);
                 self.await_ack(publish_ack(None, None));
             }
             PublishOutcome::Duplicate(seq) => {
-                drop(state);
+                drop((state, history));
                 self.count(|c| c.publishes_duplicate_total += 1);
                 let session = key.session.clone();
                 self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: true, durability: wire_durability });
@@ -1001,33 +1024,35 @@ impl Shard {
         if let Frame::ConversationEvent(event) = &frame {
             owned.ended = matches!(event.kind, ConversationEventKind::Closed | ConversationEventKind::Abandoned);
         }
+        let mut history = self.history.borrow_mut();
         let mut ticket = None;
-        let mut encode = |epoch: u64, seq: u64| -> Result<(Bytes, (u16, u8)), JournalError> {
+        let mut encode = |epoch: u64, seq: u64, log: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), AppendRefused> {
             if let Frame::ConversationEvent(event) = &mut frame {
                 (event.epoch, event.seq, event.timestamp_us) = (epoch, seq, timestamp_us);
             }
-            let encoded = self.encode_heap(&frame, 0);
+            let span = self.encode_into_history(log, &frame)?;
             if let Some((durability, journal)) = journal {
                 let mut scratch = self.record_scratch.borrow_mut();
-                persist::encode_message(&mut scratch, &key.tenant, 0, &encoded);
+                persist::encode_message(&mut scratch, &key.tenant, 0, log.get(span).unwrap_or_default());
                 let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
-                ticket = Some(journal.append(&record, durability)?);
+                ticket = Some(journal.append(&record, durability).map_err(AppendRefused::Journal)?);
             }
             // No sender: client_msg_id 0 below keeps it out of the idempotency check.
-            Ok((encoded, (0, 0)))
+            Ok((span, (0, 0)))
         };
-        let seq = match owned.session.publish("", 0, journal.is_none(), &mut encode) {
+        let seq = match owned.session.publish(&mut history, "", 0, journal.is_none(), &mut encode) {
             Ok(PublishOutcome::Appended(seq) | PublishOutcome::Duplicate(seq)) => seq,
-            Err(error) => {
-                drop(state);
-                self.count(|c| c.journal_refusals_total += 1);
-                tracing::warn!(shard = self.index, tenant = %key.tenant, session = %key.session, %error, "conversation event refused by the journal");
+            Err(refused) => {
+                drop((state, history));
+                self.refusal(&refused);
+                tracing::warn!(shard = self.index, tenant = %key.tenant, session = %key.session, "conversation event refused");
                 return false;
             }
         };
-        let encoded = owned.session.last().expect("a frame was just appended").frame.clone();
+        // Events are rare: a heap copy shared by the fan-out and the supervisors' feed.
+        let encoded = Bytes::copy_from_slice(owned.session.last_frame(&history).unwrap_or_default());
         let (interest, epoch) = (owned.interest, owned.session.epoch());
-        drop(state);
+        drop((state, history));
         if journal.is_some() {
             self.await_ack(PendingAck {
                 event: true,
@@ -1072,6 +1097,60 @@ impl Shard {
         }
     }
 
+    /// Copies a frame for its fan-out: into a pool buffer for this shard's subscribers, and
+    /// once to the heap, shared by the other shards with subscribers.
+    fn copy_for_fanout(&self, interest: ShardSet, frame: &[u8]) -> FanoutCopies {
+        let mut remote = interest;
+        remote.remove(self.index);
+        let local = interest.contains(self.index).then(|| match self.pool.lease_copy(frame) {
+            Ok(lease) => OutBuf::Pooled(lease),
+            Err(_) => {
+                self.count(|c| c.pool_fallbacks_total += 1);
+                OutBuf::Heap(Bytes::copy_from_slice(frame))
+            }
+        });
+        let shared = (remote != ShardSet::default()).then(|| Bytes::copy_from_slice(frame));
+        FanoutCopies { local, remote, shared }
+    }
+
+    fn fanout_copies(&self, key: &SessionKey, copies: FanoutCopies, ingress_raw: u64) {
+        if let Some(frame) = copies.shared {
+            for peer in copies.remote.iter() {
+                if let Some(link) = &self.events_out[peer] {
+                    link.push(Event::Fanout { key: key.clone(), frame: frame.clone(), ingress_raw });
+                }
+            }
+        }
+        if let Some(out) = copies.local {
+            self.local_fanout(key, &out, ingress_raw);
+        }
+    }
+
+    /// Encodes a frame (correlation 0) into the history ring.
+    fn encode_into_history(&self, log: &mut HistoryLog, frame: &Frame) -> Result<LogSpan, AppendRefused> {
+        let len = frame.encoded_len();
+        let (span, mut dst) = log.reserve(len).ok_or(AppendRefused::LargerThanHistory)?;
+        // Frames are built from validated input, so an encode error is a bug: refused, logged.
+        frame.encode(0, &mut dst).map_err(|error| AppendRefused::Unencodable(error.to_string()))?;
+        Ok(span)
+    }
+
+    /// Counts and logs a refused append; the code and message for the publisher.
+    fn refusal(&self, refused: &AppendRefused) -> (ErrorCode, &'static str) {
+        match refused {
+            AppendRefused::Journal(error) => {
+                self.count(|c| c.journal_refusals_total += 1);
+                tracing::debug!(shard = self.index, %error, "append refused by the journal");
+                journal_refusal(error)
+            }
+            AppendRefused::LargerThanHistory => (ErrorCode::LimitExceeded, "message larger than the shard's history ring"),
+            AppendRefused::Unencodable(error) => {
+                tracing::error!(shard = self.index, %error, "engine built an unencodable frame");
+                (ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+
     /// Copies an encoded frame into a pool buffer (the I/O side's memory); keeps the heap
     /// buffer when the pool is exhausted (counted).
     fn to_pool(&self, frame: Bytes) -> OutBuf {
@@ -1113,9 +1192,10 @@ impl Shard {
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
         };
         owned.interest.insert(origin);
-        let plan = owned.session.plan_resume(from);
-        let replay: Vec<Bytes> = owned.session.replay(plan.replay_from_seq).map(|message| message.frame.clone()).collect();
-        drop(state);
+        let history = self.history.borrow();
+        let plan = owned.session.plan_resume(from, &history);
+        let replay: Vec<Bytes> = owned.session.replay(plan.replay_from_seq, &history).map(Bytes::copy_from_slice).collect();
+        drop((state, history));
         self.reply(origin, Event::Subscribed { conn, correlation, key, plan, replay });
     }
 
@@ -1238,6 +1318,25 @@ impl Shard {
 }
 
 /// The ERROR a publisher gets when the journal cannot take its message.
+/// A frame copied for its fan-out (see `Shard::copy_for_fanout`).
+struct FanoutCopies {
+    /// For this shard's subscribers.
+    local: Option<OutBuf>,
+    /// Other shards with subscribers, and the copy they share.
+    remote: ShardSet,
+    shared: Option<Bytes>,
+}
+
+/// Why a message or event was not appended to its session.
+enum AppendRefused {
+    /// The journal refused the record.
+    Journal(JournalError),
+    /// The frame does not fit the history ring (the configuration rules this out).
+    LargerThanHistory,
+    /// The engine built a frame it cannot encode (a bug).
+    Unencodable(String),
+}
+
 fn journal_refusal(error: &JournalError) -> (ErrorCode, &'static str) {
     match error {
         JournalError::Backpressure { .. } => (ErrorCode::Unavailable, "journal queue full; retry later"),

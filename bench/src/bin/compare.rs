@@ -49,6 +49,9 @@ struct Args {
     /// Do not pin anything.
     #[arg(long)]
     no_pin: bool,
+    /// Only these cases (names as printed: paced-50k, max, ...), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    cases: Vec<String>,
 }
 
 fn main() {
@@ -64,6 +67,13 @@ fn main() {
         for c in &mut cases {
             c.duration_s = d;
         }
+    }
+    if !a.cases.is_empty() {
+        let known: Vec<String> = cases.iter().map(|c| c.name.clone()).collect();
+        if let Some(unknown) = a.cases.iter().find(|n| !known.contains(n)) {
+            die(&format!("unknown case {unknown:?}; cases: {}", known.join(", ")));
+        }
+        cases.retain(|c| a.cases.contains(&c.name));
     }
     let reps = a.reps.unwrap_or(default_reps).max(1);
     let host = Host::current();
