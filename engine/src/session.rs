@@ -5,12 +5,10 @@
 //! about it through the mesh. The frames of its history live in the shard's [`HistoryLog`];
 //! the session keeps where they are, so every method that reads a frame takes the log.
 
-use std::collections::VecDeque;
-
 use bytes::Bytes;
 use switchboard_protocol::{ResumeFrom, Text};
 
-use crate::history::{HistoryLog, LogSpan};
+use crate::history::{prefetch, HistoryLog, LogSpan};
 
 /// A message handed to [`Session::restored`]: read back from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +104,7 @@ pub struct Session {
     visible_seq: u64,
     /// The newest messages, oldest first, seqs increasing; the oldest may have been
     /// overwritten in the log (they are skipped as if evicted).
-    history: VecDeque<HistoryEntry>,
+    history: EntryRing,
     history_messages_max: usize,
     /// The largest `client_msg_id` ever appended: a larger one cannot be a repeat, so the
     /// usual strictly increasing ids skip the scan of the window.
@@ -119,7 +117,7 @@ pub struct Session {
 impl Session {
     /// A new, empty session in `epoch`.
     pub fn new(epoch: u64, history_messages_max: usize) -> Session {
-        Session { epoch, head_seq: 0, visible_seq: 0, history: VecDeque::new(), history_messages_max, client_msg_id_max: 0, read_cursors: Vec::new() }
+        Session { epoch, head_seq: 0, visible_seq: 0, history: EntryRing::default(), history_messages_max, client_msg_id_max: 0, read_cursors: Vec::new() }
     }
 
     /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
@@ -127,12 +125,12 @@ impl Session {
     /// `log` (a frame the log refuses is left out, like an evicted one).
     pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>, log: &mut HistoryLog) -> Session {
         let skip = messages.len().saturating_sub(history_messages_max);
-        let mut history = VecDeque::with_capacity(messages.len() - skip);
+        let mut history = EntryRing::default();
         let mut client_msg_id_max = 0;
         for message in messages.into_iter().skip(skip) {
             client_msg_id_max = client_msg_id_max.max(message.client_msg_id);
             if let Some(span) = log.append(&message.frame) {
-                history.push_back(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at));
+                history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at), history_messages_max);
             }
         }
         Session { epoch, head_seq, visible_seq: head_seq, history, history_messages_max, client_msg_id_max, read_cursors: Vec::new() }
@@ -194,7 +192,7 @@ impl Session {
         encode: EncodeDeliver<'_, E>,
     ) -> Result<PublishOutcome, E> {
         if client_msg_id != 0 && client_msg_id <= self.client_msg_id_max {
-            for message in self.history.iter().rev() {
+            for message in self.history.iter_rev() {
                 if !log.intact(message.span()) {
                     // Overwritten in the log, and everything older with it: out of the window.
                     break;
@@ -211,11 +209,7 @@ impl Session {
         if visible {
             self.visible_seq = seq;
         }
-        if self.history.len() >= self.history_messages_max {
-            // Plain data: nothing is read or freed.
-            self.history.pop_front();
-        }
-        self.history.push_back(HistoryEntry::new(seq, client_msg_id, span, sender_at));
+        self.history.push(HistoryEntry::new(seq, client_msg_id, span, sender_at), self.history_messages_max);
         Ok(PublishOutcome::Appended(seq))
     }
 
@@ -251,7 +245,7 @@ impl Session {
     pub fn replay<'a>(&'a self, from_seq: u64, log: &'a HistoryLog) -> impl Iterator<Item = &'a [u8]> + 'a {
         let start = self.first_intact(log).max(self.history.partition_point(|message| message.seq < from_seq));
         let visible = self.visible_seq;
-        self.history.range(start..).take_while(move |message| message.seq <= visible).map_while(|message| log.get(message.span()))
+        self.history.iter_from(start).take_while(move |message| message.seq <= visible).map_while(|message| log.get(message.span()))
     }
 
     /// The read cursors, for the journal.
@@ -268,6 +262,73 @@ impl Session {
         }
         self.read_cursors.push((Text::from(participant.as_str()), seq));
         seq
+    }
+}
+
+/// A session's newest history entries, oldest first: a vector that grows up to the session's
+/// limit and then overwrites its oldest entry in place. Unlike a deque's pop-then-push, the
+/// one write per publish goes to a slot warmed at the previous publish (see `push`).
+#[derive(Debug, Default)]
+struct EntryRing {
+    entries: Vec<HistoryEntry>,
+    /// Index of the oldest entry; non-zero only once the ring is full.
+    first: usize,
+}
+
+impl EntryRing {
+    /// The `index`th oldest entry.
+    fn get(&self, index: usize) -> Option<&HistoryEntry> {
+        let len = self.entries.len();
+        (index < len).then(|| &self.entries[(self.first + index) % len])
+    }
+
+    fn back(&self) -> Option<&HistoryEntry> {
+        self.get(self.entries.len().checked_sub(1)?)
+    }
+
+    /// Appends, overwriting the oldest entry once `max` are held.
+    fn push(&mut self, entry: HistoryEntry, max: usize) {
+        if self.entries.len() < max {
+            self.entries.push(entry);
+            return;
+        }
+        let Some(slot) = self.entries.get_mut(self.first) else { return };
+        *slot = entry;
+        self.first = (self.first + 1) % self.entries.len();
+        // The next push writes here: fetch it now, while it is cheap to wait for.
+        prefetch((&raw const self.entries[self.first]).cast());
+    }
+
+    fn pop_back(&mut self) -> Option<HistoryEntry> {
+        // Rare (a journal refusal): unroll the ring so the newest entry is last.
+        self.entries.rotate_left(self.first);
+        self.first = 0;
+        self.entries.pop()
+    }
+
+    /// Entries from the `start`th oldest on, oldest first.
+    fn iter_from(&self, start: usize) -> impl Iterator<Item = &HistoryEntry> {
+        (start..self.entries.len()).filter_map(|index| self.get(index))
+    }
+
+    /// Entries newest first.
+    fn iter_rev(&self) -> impl Iterator<Item = &HistoryEntry> {
+        (0..self.entries.len()).rev().filter_map(|index| self.get(index))
+    }
+
+    /// The number of leading (oldest) entries for which `pred` holds; `pred` must hold for a
+    /// prefix only.
+    fn partition_point(&self, pred: impl Fn(&HistoryEntry) -> bool) -> usize {
+        let (mut low, mut high) = (0, self.entries.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if self.get(mid).is_some_and(&pred) {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
     }
 }
 
