@@ -74,6 +74,13 @@ impl SessionKey {
     }
 }
 
+/// The key a session map keeps: the session id copied out of the read buffer it came in.
+impl From<&SessionKey> for SessionKey {
+    fn from(key: &SessionKey) -> SessionKey {
+        SessionKey::owned(&key.tenant, &key.session)
+    }
+}
+
 /// The shard that holds `tenant`'s desk (its agents, queues and conversation states):
 /// `hash(tenant) % shards`, with the same fixed-key `SipHash` as [`SessionKey::shard`].
 pub fn tenant_shard(tenant: &Text, shards: usize) -> usize {

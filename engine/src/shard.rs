@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use switchboard_protocol::{
-    ConversationEventKind, Deliver, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
+    ConversationEventKind, DeliverRef, EncodeError, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
     Typing,
 };
 
@@ -149,7 +149,7 @@ type ConnMap<V> = HashMap<ConnId, V, std::hash::BuildHasherDefault<ConnIdHasher>
 /// Session keys come from the network, so their maps are randomly keyed (a fresh seed per
 /// map): foldhash's quality variant, several times cheaper than std's SipHash for the short
 /// ids looked up on every publish.
-type SessionMap<V> = HashMap<SessionKey, V, foldhash::quality::RandomState>;
+type SessionMap<V> = hashbrown::HashMap<SessionKey, V, foldhash::quality::RandomState>;
 
 #[derive(Default)]
 struct ShardState {
@@ -718,16 +718,18 @@ impl Shard {
     /// out before: a session dropped by the idle sweep and created again must not let a client
     /// holding an old (epoch, seq) believe it resumed.
     fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey, now_ms: u64) -> Option<&'a mut OwnedSession> {
-        if !state.sessions.contains_key(key) {
-            if state.sessions.len() >= self.config.limits.sessions_per_shard_max {
+        let full = state.sessions.len() >= self.config.limits.sessions_per_shard_max;
+        let owned = match state.sessions.entry_ref(key) {
+            hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
+            hashbrown::hash_map::EntryRef::Vacant(_) if full => {
                 self.count(|c| c.session_limit_refusals_total += 1);
                 return None;
             }
-            let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
-            let owned = OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false };
-            state.sessions.insert(SessionKey::owned(&key.tenant, &key.session), owned);
-        }
-        let owned = state.sessions.get_mut(key)?;
+            hashbrown::hash_map::EntryRef::Vacant(entry) => {
+                let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
+                entry.insert(OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false })
+            }
+        };
         owned.last_active_ms = now_ms;
         Some(owned)
     }
@@ -791,16 +793,16 @@ impl Shard {
         let mut history = self.history.borrow_mut();
         let mut ticket = None;
         let mut encode = |epoch: u64, seq: u64, log: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), AppendRefused> {
-            let frame = Frame::Deliver(Deliver {
-                session: key.session.clone(),
+            let deliver = DeliverRef {
+                session: key.session.as_str(),
                 epoch,
                 seq,
                 timestamp_us,
                 trace_id,
-                sender: sender.clone(),
-                payload: payload.clone(),
-            });
-            let span = self.encode_into_history(log, &frame)?;
+                sender: sender.as_str(),
+                payload: &payload[..],
+            };
+            let span = self.encode_into_history(log, deliver.encoded_len(), |dst| deliver.encode(0, dst))?;
             if let Some((durability, journal)) = journal {
                 let encoded = log.get(span).unwrap_or_default();
                 let mut scratch = self.record_scratch.borrow_mut();
@@ -1030,7 +1032,7 @@ impl Shard {
             if let Frame::ConversationEvent(event) = &mut frame {
                 (event.epoch, event.seq, event.timestamp_us) = (epoch, seq, timestamp_us);
             }
-            let span = self.encode_into_history(log, &frame)?;
+            let span = self.encode_into_history(log, frame.encoded_len(), |dst| frame.encode(0, dst))?;
             if let Some((durability, journal)) = journal {
                 let mut scratch = self.record_scratch.borrow_mut();
                 persist::encode_message(&mut scratch, &key.tenant, 0, log.get(span).unwrap_or_default());
@@ -1127,11 +1129,15 @@ impl Shard {
     }
 
     /// Encodes a frame (correlation 0) into the history ring.
-    fn encode_into_history(&self, log: &mut HistoryLog, frame: &Frame) -> Result<LogSpan, AppendRefused> {
-        let len = frame.encoded_len();
+    fn encode_into_history(
+        &self,
+        log: &mut HistoryLog,
+        len: usize,
+        encode: impl FnOnce(&mut &mut [u8]) -> Result<(), EncodeError>,
+    ) -> Result<LogSpan, AppendRefused> {
         let (span, mut dst) = log.reserve(len).ok_or(AppendRefused::LargerThanHistory)?;
         // Frames are built from validated input, so an encode error is a bug: refused, logged.
-        frame.encode(0, &mut dst).map_err(|error| AppendRefused::Unencodable(error.to_string()))?;
+        encode(&mut dst).map_err(|error| AppendRefused::Unencodable(error.to_string()))?;
         Ok(span)
     }
 

@@ -96,7 +96,7 @@ impl Codec<bool> for Bool {
     }
 }
 
-fn check_len(len: usize, max: usize, field: &'static str) -> Result<(), EncodeError> {
+pub(crate) fn check_len(len: usize, max: usize, field: &'static str) -> Result<(), EncodeError> {
     if len > max {
         return Err(EncodeError { field, len, max });
     }

@@ -431,3 +431,26 @@ proptest! {
         prop_assert_eq!(&reencoded[..], &bytes[..consumed]);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The borrowed DELIVER encoder writes the same bytes as the frame it stands for.
+    #[test]
+    fn deliver_ref_encodes_like_deliver(correlation in any::<u32>(), frame in deliver()) {
+        let Frame::Deliver(deliver) = &frame else { unreachable!("deliver() makes DELIVER frames") };
+        let borrowed = switchboard_protocol::DeliverRef {
+            session: deliver.session.as_str(),
+            epoch: deliver.epoch,
+            seq: deliver.seq,
+            timestamp_us: deliver.timestamp_us,
+            trace_id: deliver.trace_id,
+            sender: deliver.sender.as_str(),
+            payload: &deliver.payload,
+        };
+        let mut ours = Vec::new();
+        borrowed.encode(correlation, &mut ours).unwrap();
+        prop_assert_eq!(borrowed.encoded_len(), ours.len());
+        prop_assert_eq!(&ours[..], &frame.to_bytes(correlation).unwrap()[..]);
+    }
+}
