@@ -25,7 +25,7 @@ use crate::report::{MachineStats, Report};
 use bytes::{Bytes, BytesMut};
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -203,26 +203,7 @@ impl Conn {
 }
 
 fn fill(sock: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<bool> {
-    let len = rbuf.len();
-    rbuf.resize(len + READ_CHUNK, 0);
-    match sock.read(&mut rbuf[len..]) {
-        Ok(0) => {
-            rbuf.truncate(len);
-            Ok(false)
-        }
-        Ok(n) => {
-            rbuf.truncate(len + n);
-            Ok(true)
-        }
-        Err(e) => {
-            rbuf.truncate(len);
-            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) {
-                Ok(true)
-            } else {
-                Err(e)
-            }
-        }
-    }
+    crate::backend::switchboard::fill(sock, rbuf).map(|poll| poll != crate::backend::Poll::Closed)
 }
 
 /// State shared by every thread of a run.
