@@ -180,6 +180,7 @@ pub fn start(config: Config) -> Result<EngineHandle, StartError> {
         let thread = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{index}"))
             .preempt_timer(Duration::from_micros(config.server.io_poll_interval_us))
+            .io_memory(if config.journal_enabled() { JOURNAL_IO_MEMORY_BYTES } else { NO_JOURNAL_IO_MEMORY_BYTES })
             .spawn(move || run_shard(wiring))
             .map_err(|error| StartError::Shard { shard: index, reason: error.to_string() })?;
         shard_threads.push(thread);
@@ -246,6 +247,14 @@ struct ShardWiring {
     listening: Arc<AtomicUsize>,
     started: flume::Sender<Result<usize, StartError>>,
 }
+
+/// glommio's registered buffer memory per shard, which the journal's direct-I/O writes come
+/// from (glommio's default).
+const JOURNAL_IO_MEMORY_BYTES: usize = 10 << 20;
+
+/// The same without a journal: nothing else of ours uses it, and glommio keeps it resident
+/// (its minimum is 64 KiB).
+const NO_JOURNAL_IO_MEMORY_BYTES: usize = 64 << 10;
 
 fn pool_config(config: &Config) -> PoolConfig {
     PoolConfig {

@@ -15,7 +15,7 @@
 //! Borrow rule: `state` is borrowed only between awaits, never across one.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -117,7 +117,9 @@ struct PendingAck {
 pub(crate) struct ConnEntry {
     slot: ConnSlot,
     pub(crate) tenant: Option<Text>,
-    pub(crate) subscriptions: HashSet<SessionKey>,
+    /// The sessions it subscribes to: the same key allocation as the shard's local
+    /// subscriber entry (a pointer each, not a copy of the ids).
+    pub(crate) subscriptions: SessionSet,
     closing: bool,
     /// Raw clock reading of the last bytes received, for the idle sweep.
     last_read_raw: u64,
@@ -151,10 +153,17 @@ type ConnMap<V> = HashMap<ConnId, V, std::hash::BuildHasherDefault<ConnIdHasher>
 /// ids looked up on every publish.
 type SessionMap<V> = hashbrown::HashMap<SessionKey, V, foldhash::quality::RandomState>;
 
+/// A session key shared by the local subscriber entry and every subscribing connection's set:
+/// 100 000 sessions with three subscribers each otherwise kept four copies of every key.
+type SharedKey = Rc<SessionKey>;
+
+/// A connection's subscriptions (looked up by `&SessionKey`).
+pub(crate) type SessionSet = hashbrown::HashSet<SharedKey, foldhash::quality::RandomState>;
+
 #[derive(Default)]
 struct ShardState {
     sessions: SessionMap<OwnedSession>,
-    local: SessionMap<LocalSubscribers>,
+    local: hashbrown::HashMap<SharedKey, LocalSubscribers, foldhash::quality::RandomState>,
     conns: ConnMap<ConnEntry>,
 }
 
@@ -408,7 +417,7 @@ impl Shard {
         };
         let conn = (self.index as u64) << 48 | self.next_conn.get();
         self.next_conn.set(self.next_conn.get() + 1);
-        let entry = ConnEntry { slot, tenant: None, subscriptions: HashSet::new(), closing: false, last_read_raw: self.clock.raw(), expiry: None };
+        let entry = ConnEntry { slot, tenant: None, subscriptions: SessionSet::default(), closing: false, last_read_raw: self.clock.raw(), expiry: None };
         self.state.borrow_mut().conns.insert(conn, entry);
         self.count(|c| c.connections_accepted_total += 1);
         Some(conn)
@@ -600,12 +609,11 @@ impl Shard {
 
     /// SUBSCRIBE from a local connection.
     pub(crate) async fn subscribe(&self, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
-        // Kept for the subscription's lifetime: own the strings rather than pin a read buffer.
-        let key = SessionKey::owned(&key.tenant, &key.session);
         let owner = key.shard(self.shards);
         {
             let mut state = self.state.borrow_mut();
-            let Some(entry) = state.conns.get_mut(&conn) else { return };
+            let ShardState { conns, local, .. } = &mut *state;
+            let Some(entry) = conns.get_mut(&conn) else { return };
             if entry.subscriptions.contains(&key) {
                 drop(state);
                 return self.fail_request(conn, correlation, ErrorCode::InvalidState, "already subscribed to this session");
@@ -614,8 +622,20 @@ impl Shard {
                 drop(state);
                 return self.fail_request(conn, correlation, ErrorCode::LimitExceeded, "subscriptions per connection limit reached");
             }
-            entry.subscriptions.insert(key.clone());
-            state.local.entry(key.clone()).or_default().pending += 1;
+            // Kept for the subscription's lifetime: one owned copy of the strings per session
+            // (not pinning a read buffer), shared with every connection subscribing to it.
+            let shared = match local.get_key_value(&key) {
+                Some((shared, _)) => shared.clone(),
+                None => {
+                    let shared = Rc::new(SessionKey::owned(&key.tenant, &key.session));
+                    local.insert(shared.clone(), LocalSubscribers::default());
+                    shared
+                }
+            };
+            if let Some(subscribers) = local.get_mut(&key) {
+                subscribers.pending += 1;
+            }
+            entry.subscriptions.insert(shared);
         }
         if owner == self.index {
             self.owner_subscribe(self.index, conn, correlation, key, from);
@@ -1291,12 +1311,17 @@ impl Shard {
         let alive = {
             let mut state = self.state.borrow_mut();
             let still_wanted = state.conns.get(&conn).is_some_and(|entry| entry.subscriptions.contains(&key) && !entry.closing);
-            let local = state.local.entry(key.clone()).or_default();
-            local.pending = local.pending.saturating_sub(1);
-            if still_wanted {
-                local.conns.push(conn);
+            // The entry exists: it counts this answer as pending.
+            match state.local.get_mut(&key) {
+                Some(local) => {
+                    local.pending = local.pending.saturating_sub(1);
+                    if still_wanted {
+                        local.conns.push(conn);
+                    }
+                    still_wanted
+                }
+                None => false,
             }
-            still_wanted
         };
         if !alive {
             // Unsubscribed or gone while the owner was answering.
