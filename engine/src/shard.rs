@@ -470,10 +470,37 @@ impl Shard {
         })
     }
 
-    /// Queues a frame on a connection.
+    /// Queues a frame on a connection. A small one (a PUBACK, OK, PONG…) is gathered with the
+    /// connection's other small frames into one pool buffer (see `UringSender::enqueue_gathered`).
     pub(crate) fn send_frame(&self, conn: ConnId, frame: &Frame, correlation: u32) {
+        let len = frame.encoded_len();
+        if len <= GATHERED_FRAME_BYTES_MAX {
+            let mut scratch = [0_u8; GATHERED_FRAME_BYTES_MAX];
+            let mut dst = &mut scratch[..len];
+            if frame.encode(correlation, &mut dst).is_ok() && self.send_gathered(conn, &scratch[..len]) {
+                return;
+            }
+        }
         let out = self.encode(frame, correlation);
         self.send_buf(conn, out);
+    }
+
+    /// Gathers a small encoded frame on a connection; false when it must be queued on its own
+    /// (no pool buffer to gather into). A connection over its outbound limit is closed as a
+    /// slow consumer (and the frame counts as handled).
+    fn send_gathered(&self, conn: ConnId, frame: &[u8]) -> bool {
+        let slot = match self.state.borrow().conns.get(&conn) {
+            Some(entry) if !entry.closing => entry.slot,
+            _ => return true,
+        };
+        match self.sender.enqueue_gathered(slot, frame, || self.pool.lease(GATHER_BUFFER_BYTES).ok()) {
+            Ok(gathered) => gathered,
+            Err(EnqueueError::SlowConsumer) => {
+                self.evict_slow_consumer(conn);
+                true
+            }
+            Err(EnqueueError::Closed) => true,
+        }
     }
 
     /// Queues an encoded buffer on a connection; a connection over its outbound limit is
@@ -1349,6 +1376,12 @@ impl Shard {
 }
 
 /// The ERROR a publisher gets when the journal cannot take its message.
+/// Frames up to this size are gathered per connection (replies: PUBACK is ~50 bytes).
+const GATHERED_FRAME_BYTES_MAX: usize = 256;
+
+/// The pool buffer small frames are gathered into (the 2 KiB class by default).
+const GATHER_BUFFER_BYTES: usize = 2048;
+
 /// A frame copied for its fan-out (see `Shard::copy_for_fanout`).
 struct FanoutCopies {
     /// For this shard's subscribers.

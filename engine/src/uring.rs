@@ -86,7 +86,7 @@ use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
 use crate::notify::Notify;
-use crate::pool::Lease;
+use crate::pool::{Lease, LeaseMut};
 
 /// One outbound buffer. A message encoded once is queued as clones of the same `Pooled`
 /// lease on every subscriber connection.
@@ -338,6 +338,10 @@ struct Conn {
     /// `close` was called while an operation was in flight: free the slot on completion.
     owner_gone: bool,
     retries: u32,
+    /// Small frames for this connection alone (replies), copied one after another into one
+    /// pool buffer: (buffer, bytes used). Never referenced by the kernel: it is sealed into
+    /// `queue` before anything else is queued and before a send is built.
+    tail: Option<(LeaseMut, usize)>,
     /// Stable heap addresses handed to the kernel by `SendMsg`.
     hdr: Box<libc::msghdr>,
     iov: Box<[libc::iovec]>,
@@ -358,11 +362,33 @@ impl Conn {
             want_pollout: false,
             owner_gone: false,
             retries: 0,
+            tail: None,
             // SAFETY: msghdr is plain integers and pointers; all-zero is its empty value.
             hdr: Box::new(unsafe { std::mem::zeroed() }),
             iov: vec![libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; iov_max]
                 .into_boxed_slice(),
         }
+    }
+
+    /// Whether `len` more bytes would pass the connection's outbound limits. An empty queue
+    /// always admits one buffer: a frame is bounded by the protocol, and refusing a lone frame
+    /// would wedge the connection.
+    fn over_limits(&self, len: usize, cfg: &SenderConfig) -> bool {
+        self.buffers() > 0 && (self.queued_bytes + len > cfg.conn_outbound_bytes_max || self.buffers() >= cfg.conn_outbound_frames_max)
+    }
+
+    /// Moves the gathered small frames, if any, to the end of the queue.
+    fn seal_tail(&mut self) {
+        if let Some((lease, used)) = self.tail.take() {
+            if used > 0 {
+                self.queue.push_back(OutBuf::Pooled(lease.freeze(used)));
+            }
+        }
+    }
+
+    /// Queued buffers, the gathering one included (what `outbound_frames_max` bounds).
+    fn buffers(&self) -> usize {
+        self.queue.len() + usize::from(self.tail.is_some())
     }
 
     /// Drops the first `n` unsent bytes (the kernel accepted them).
@@ -417,6 +443,7 @@ impl State {
         let conn = &mut self.conns[index as usize];
         assert_eq!(conn.op, Op::Idle, "freeing a slot with an operation in flight");
         conn.queue.clear();
+        conn.tail = None;
         if conn.queue.capacity() > QUEUE_RETAINED_CAPACITY_MAX {
             conn.queue.shrink_to(64);
         }
@@ -437,6 +464,7 @@ impl State {
     fn kill(&mut self, index: u32) {
         let conn = &mut self.conns[index as usize];
         conn.queue.clear();
+        conn.tail = None;
         conn.queued_bytes = 0;
         conn.head_offset = 0;
         conn.want_pollout = false;
@@ -543,7 +571,7 @@ impl State {
                 }
             }
             ConnState::Open if owner_gone => self.free_slot(index),
-            _ if !conn.queue.is_empty() || conn.want_pollout => self.mark_dirty(index),
+            _ if conn.buffers() > 0 || conn.want_pollout => self.mark_dirty(index),
             ConnState::Closing => {
                 self.finish(index);
                 if owner_gone {
@@ -696,6 +724,42 @@ impl UringSender {
         self.push(slot, buf, true)
     }
 
+    /// Queues a copy of a small frame meant for this connection alone (a reply), gathered
+    /// with the other small frames queued since its last send into one pool buffer: one iovec
+    /// for a turn's replies instead of one each. `fresh` leases that buffer when none has room.
+    /// `Ok(false)`: not queued (no buffer to gather into, or the frame is larger than one);
+    /// queue it with [`enqueue`](UringSender::enqueue).
+    pub fn enqueue_gathered(&self, slot: ConnSlot, frame: &[u8], fresh: impl FnOnce() -> Option<LeaseMut>) -> Result<bool, EnqueueError> {
+        let cfg = &self.inner.cfg;
+        {
+            let mut st = self.inner.state.borrow_mut();
+            let Some(conn) = st.conn(slot) else { return Err(EnqueueError::Closed) };
+            if conn.state != ConnState::Open {
+                return Err(EnqueueError::Closed);
+            }
+            let len = frame.len();
+            if conn.over_limits(len, cfg) {
+                st.stats.slow_consumer_total += 1;
+                return Err(EnqueueError::SlowConsumer);
+            }
+            let room = conn.tail.as_ref().is_some_and(|(lease, used)| used + len <= lease.capacity());
+            if !room {
+                conn.seal_tail();
+                match fresh() {
+                    Some(lease) if lease.capacity() >= len => conn.tail = Some((lease, 0)),
+                    _ => return Ok(false),
+                }
+            }
+            let Some((lease, used)) = conn.tail.as_mut() else { return Ok(false) };
+            lease.as_mut_slice()[*used..*used + len].copy_from_slice(frame);
+            *used += len;
+            conn.queued_bytes += len;
+            st.mark_dirty(slot.index);
+        }
+        self.inner.flush_wake.notify();
+        Ok(true)
+    }
+
     fn push(&self, slot: ConnSlot, buf: OutBuf, last: bool) -> Result<(), EnqueueError> {
         let cfg = &self.inner.cfg;
         {
@@ -705,16 +769,12 @@ impl UringSender {
                 return Err(EnqueueError::Closed);
             }
             let len = buf.len();
-            // An empty queue always admits one buffer: a frame is bounded by the protocol,
-            // and refusing a lone frame would wedge the connection.
-            let over = !conn.queue.is_empty()
-                && (conn.queued_bytes + len > cfg.conn_outbound_bytes_max
-                    || conn.queue.len() >= cfg.conn_outbound_frames_max);
-            if over && !last {
+            if conn.over_limits(len, cfg) && !last {
                 st.stats.slow_consumer_total += 1;
                 return Err(EnqueueError::SlowConsumer);
             }
             if len > 0 {
+                conn.seal_tail();
                 conn.queue.push_back(buf);
                 conn.queued_bytes += len;
             }
@@ -968,6 +1028,7 @@ impl UringSender {
                 continue;
             }
             let Some(fd) = conn.fd.as_ref().map(AsRawFd::as_raw_fd) else { continue };
+            conn.seal_tail();
             let (entry, op): (squeue::Entry, Op) = if conn.want_pollout {
                 let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
                     .build()
