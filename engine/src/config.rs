@@ -793,7 +793,8 @@ pub struct LimitsConfig {
     pub connections_per_shard_max: usize,
     /// Outbound bytes buffered per connection before it is a slow consumer.
     pub outbound_bytes_max: usize,
-    /// Outbound frames buffered per connection before it is a slow consumer.
+    /// Outbound buffers queued per connection before it is a slow consumer: each message is
+    /// one; small replies (PUBACK, OK…) gathered into one buffer count once together.
     pub outbound_frames_max: usize,
     /// A client must send something at least this often, in milliseconds.
     pub keepalive_ms: u32,

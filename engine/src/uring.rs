@@ -15,6 +15,13 @@
 //! a completion handler). One operation in flight per connection keeps per-connection order;
 //! a short write advances an offset into the first unsent buffer and the rest goes next turn.
 //!
+//! Small frames for one connection alone (replies: PUBACK, OK, PONG…) can be queued with
+//! [`enqueue_gathered`](UringSender::enqueue_gathered): they are copied one after another into
+//! one pool buffer (the connection's *tail*), which is sealed into the queue before anything
+//! else is queued on it and before its next send is built, so order is kept and the kernel
+//! gets one iovec for a turn's replies instead of one each. Fan-out buffers are never copied:
+//! the same buffer goes to every subscriber.
+//!
 //! # Ownership rule
 //! Every buffer (and the `msghdr`/`iovec`s) referenced by a submitted SQE stays owned by its
 //! connection state until that SQE's completion arrives: buffers are popped from the queue
