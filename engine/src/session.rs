@@ -105,19 +105,18 @@ pub struct Session {
     /// The newest messages, oldest first, seqs increasing; the oldest may have been
     /// overwritten in the log (they are skipped as if evicted).
     history: EntryRing,
-    history_messages_max: usize,
     /// The largest `client_msg_id` ever appended: a larger one cannot be a repeat, so the
     /// usual strictly increasing ids skip the scan of the window.
     client_msg_id_max: u64,
     /// Read cursors: (participant, last seen seq). Few participants per conversation, so a
-    /// vector beats a map.
-    read_cursors: Vec<(Text, u64)>,
+    /// vector beats a map; boxed because most sessions (plain pub/sub) never have one.
+    read_cursors: Option<Box<Vec<(Text, u64)>>>,
 }
 
 impl Session {
     /// A new, empty session in `epoch`.
     pub fn new(epoch: u64, history_messages_max: usize) -> Session {
-        Session { epoch, head_seq: 0, visible_seq: 0, history: EntryRing::default(), history_messages_max, client_msg_id_max: 0, read_cursors: Vec::new() }
+        Session { epoch, head_seq: 0, visible_seq: 0, history: EntryRing::new(history_messages_max), client_msg_id_max: 0, read_cursors: None }
     }
 
     /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
@@ -125,15 +124,15 @@ impl Session {
     /// `log` (a frame the log refuses is left out, like an evicted one).
     pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>, log: &mut HistoryLog) -> Session {
         let skip = messages.len().saturating_sub(history_messages_max);
-        let mut history = EntryRing::default();
+        let mut history = EntryRing::new(history_messages_max);
         let mut client_msg_id_max = 0;
         for message in messages.into_iter().skip(skip) {
             client_msg_id_max = client_msg_id_max.max(message.client_msg_id);
             if let Some(span) = log.append(&message.frame) {
-                history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at), history_messages_max);
+                history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at));
             }
         }
-        Session { epoch, head_seq, visible_seq: head_seq, history, history_messages_max, client_msg_id_max, read_cursors: Vec::new() }
+        Session { epoch, head_seq, visible_seq: head_seq, history, client_msg_id_max, read_cursors: None }
     }
 
     /// The last seq subscribers may see.
@@ -209,7 +208,7 @@ impl Session {
         if visible {
             self.visible_seq = seq;
         }
-        self.history.push(HistoryEntry::new(seq, client_msg_id, span, sender_at), self.history_messages_max);
+        self.history.push(HistoryEntry::new(seq, client_msg_id, span, sender_at));
         Ok(PublishOutcome::Appended(seq))
     }
 
@@ -250,17 +249,18 @@ impl Session {
 
     /// The read cursors, for the journal.
     pub fn read_cursors(&self) -> &[(Text, u64)] {
-        &self.read_cursors
+        self.read_cursors.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// Moves a participant's read cursor forward (never back); returns the cursor now.
     pub fn set_read_cursor(&mut self, participant: &Text, seq: u64) -> u64 {
         let seq = seq.min(self.visible_seq);
-        if let Some((_, cursor)) = self.read_cursors.iter_mut().find(|(who, _)| who == participant) {
+        let cursors = self.read_cursors.get_or_insert_with(Box::default);
+        if let Some((_, cursor)) = cursors.iter_mut().find(|(who, _)| who == participant) {
             *cursor = (*cursor).max(seq);
             return *cursor;
         }
-        self.read_cursors.push((Text::from(participant.as_str()), seq));
+        cursors.push((Text::from(participant.as_str()), seq));
         seq
     }
 }
@@ -268,18 +268,24 @@ impl Session {
 /// A session's newest history entries, oldest first: a vector that grows up to the session's
 /// limit and then overwrites its oldest entry in place. Unlike a deque's pop-then-push, the
 /// one write per publish goes to a slot warmed at the previous publish (see `push`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct EntryRing {
     entries: Vec<HistoryEntry>,
     /// Index of the oldest entry; non-zero only once the ring is full.
-    first: usize,
+    first: u32,
+    /// The session's `history_messages_max` (kept here, where it packs with `first`).
+    max: u32,
 }
 
 impl EntryRing {
+    fn new(max: usize) -> EntryRing {
+        EntryRing { entries: Vec::new(), first: 0, max: u32::try_from(max).unwrap_or(u32::MAX) }
+    }
+
     /// The `index`th oldest entry.
     fn get(&self, index: usize) -> Option<&HistoryEntry> {
         let len = self.entries.len();
-        (index < len).then(|| &self.entries[(self.first + index) % len])
+        (index < len).then(|| &self.entries[(self.first as usize + index) % len])
     }
 
     fn back(&self) -> Option<&HistoryEntry> {
@@ -287,21 +293,22 @@ impl EntryRing {
     }
 
     /// Appends, overwriting the oldest entry once `max` are held.
-    fn push(&mut self, entry: HistoryEntry, max: usize) {
-        if self.entries.len() < max {
+    fn push(&mut self, entry: HistoryEntry) {
+        if self.entries.len() < self.max as usize {
             self.entries.push(entry);
             return;
         }
-        let Some(slot) = self.entries.get_mut(self.first) else { return };
+        let Some(slot) = self.entries.get_mut(self.first as usize) else { return };
         *slot = entry;
-        self.first = (self.first + 1) % self.entries.len();
+        let next = (self.first as usize + 1) % self.entries.len();
+        self.first = next as u32;
         // The next push writes here: fetch it now, while it is cheap to wait for.
-        prefetch((&raw const self.entries[self.first]).cast());
+        prefetch((&raw const self.entries[next]).cast());
     }
 
     fn pop_back(&mut self) -> Option<HistoryEntry> {
         // Rare (a journal refusal): unroll the ring so the newest entry is last.
-        self.entries.rotate_left(self.first);
+        self.entries.rotate_left(self.first as usize);
         self.first = 0;
         self.entries.pop()
     }
