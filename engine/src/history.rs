@@ -114,6 +114,11 @@ impl HistoryLog {
         Some((LogSpan { pos, len: len_u32 }, &mut self.ring[start..start + len]))
     }
 
+    /// Whether a frame of `len` bytes can be written (it is no larger than the ring).
+    pub fn fits(&self, len: usize) -> bool {
+        len <= self.ring.len() && u32::try_from(len).is_ok()
+    }
+
     /// Appends a copy of `frame`.
     pub fn append(&mut self, frame: &[u8]) -> Option<LogSpan> {
         let (span, dst) = self.reserve(frame.len())?;

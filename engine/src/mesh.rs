@@ -314,6 +314,20 @@ pub enum Event {
         /// Detail.
         message: &'static str,
     },
+    /// The owner refused a SUBSCRIBE (its session limit): undo the subscription on the
+    /// connection's shard, then answer with ERROR.
+    SubscribeRefused {
+        /// The connection.
+        conn: ConnId,
+        /// Its correlation id.
+        correlation: u32,
+        /// The session.
+        key: SessionKey,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        message: &'static str,
+    },
     /// A request without a specific answer succeeded; answer with OK.
     Done {
         /// The connection.

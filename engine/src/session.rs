@@ -121,15 +121,25 @@ impl Session {
 
     /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
     /// all acknowledged; `head_seq` is the last seq it assigned. Their frames are copied into
-    /// `log` (a frame the log refuses is left out, like an evicted one).
+    /// `log`. Only the newest unbroken run is kept: a message missing in between (a damaged
+    /// record, a frame the log refuses) ends history there, as eviction would, so a resume
+    /// from before it is told `recovered = false` rather than replayed across the gap.
     pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>, log: &mut HistoryLog) -> Session {
         let skip = messages.len().saturating_sub(history_messages_max);
         let mut history = EntryRing::new(history_messages_max);
         let mut client_msg_id_max = 0;
+        let mut previous_seq = None;
         for message in messages.into_iter().skip(skip) {
             client_msg_id_max = client_msg_id_max.max(message.client_msg_id);
-            if let Some(span) = log.append(&message.frame) {
-                history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at));
+            let follows = previous_seq.is_none_or(|previous: u64| message.seq == previous + 1);
+            previous_seq = Some(message.seq);
+            match log.append(&message.frame) {
+                Some(span) if follows => history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at)),
+                Some(span) => {
+                    history = EntryRing::new(history_messages_max);
+                    history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at));
+                }
+                None => history = EntryRing::new(history_messages_max),
             }
         }
         Session { epoch, head_seq, visible_seq: head_seq, history, client_msg_id_max, read_cursors: None }
@@ -473,6 +483,16 @@ mod tests {
         assert_eq!((session.head_seq(), session.visible_seq()), (2, 2));
         assert_eq!(publish(&mut session, &mut log, "alice", 0), PublishOutcome::Appended(3));
         assert_eq!(seqs(&session, 0, &log), ["alice|7|1", "alice|7|2", "alice|7|3"]);
+    }
+
+    #[test]
+    fn a_gap_in_restored_history_ends_it_there() {
+        let mut log = HistoryLog::new(1 << 16).unwrap();
+        let messages = [4, 6, 7].into_iter().map(|seq| StoredMessage::restored(seq, 0, (0, 5), Bytes::from(format!("alice|7|{seq}")))).collect();
+        let session = Session::restored(7, 8, 7, messages, &mut log);
+        assert_eq!(seqs(&session, 0, &log), ["alice|7|6", "alice|7|7"]);
+        let plan = session.plan_resume(ResumeFrom::After { epoch: 7, seq: 3 }, &log);
+        assert_eq!((plan.replay_from_seq, plan.recovered), (6, false));
     }
 
     #[test]

@@ -236,6 +236,8 @@ pub struct Shard {
     acks_wakeup: Notify,
     /// Reused for encoding journal records.
     record_scratch: RefCell<Vec<u8>>,
+    /// Reused for a journaled frame, encoded before it goes into the history ring.
+    frame_scratch: RefCell<Vec<u8>>,
     /// Tenants whose durability differs from `config.journal.durability`.
     tenant_durability: Vec<(String, DurabilityMode)>,
     /// The epoch the next new session gets.
@@ -328,6 +330,7 @@ impl Shard {
             acks: RefCell::new(VecDeque::new()),
             acks_wakeup: Notify::default(),
             record_scratch: RefCell::new(Vec::new()),
+            frame_scratch: RefCell::new(Vec::new()),
             tenant_durability,
             next_session_epoch: Cell::new(epoch.max(1)),
             rate_limited,
@@ -493,7 +496,10 @@ impl Shard {
             Some(entry) if !entry.closing => entry.slot,
             _ => return true,
         };
-        match self.sender.enqueue_gathered(slot, frame, || self.pool.lease(GATHER_BUFFER_BYTES).ok()) {
+        // Only a slot of the gathering size: under pressure the pool would hand out a larger
+        // class, which fan-out frames need more.
+        let fresh = || self.pool.lease(GATHER_BUFFER_BYTES).ok().filter(|lease| lease.capacity() <= GATHER_BUFFER_BYTES);
+        match self.sender.enqueue_gathered(slot, frame, fresh) {
             Ok(gathered) => gathered,
             Err(EnqueueError::SlowConsumer) => {
                 self.evict_slow_consumer(conn);
@@ -637,7 +643,7 @@ impl Shard {
     /// SUBSCRIBE from a local connection.
     pub(crate) async fn subscribe(&self, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
         let owner = key.shard(self.shards);
-        {
+        let key = {
             let mut state = self.state.borrow_mut();
             let ShardState { conns, local, .. } = &mut *state;
             let Some(entry) = conns.get_mut(&conn) else { return };
@@ -662,8 +668,10 @@ impl Shard {
             if let Some(subscribers) = local.get_mut(&key) {
                 subscribers.pending += 1;
             }
-            entry.subscriptions.insert(shared);
-        }
+            entry.subscriptions.insert(shared.clone());
+            // What the request carries: the owned strings, not the read buffer's.
+            (*shared).clone()
+        };
         if owner == self.index {
             self.owner_subscribe(self.index, conn, correlation, key, from);
         } else {
@@ -849,14 +857,14 @@ impl Shard {
                 sender: sender.as_str(),
                 payload: &payload[..],
             };
-            let span = self.encode_into_history(log, deliver.encoded_len(), |dst| deliver.encode(0, dst))?;
-            if let Some((durability, journal)) = journal {
-                let encoded = log.get(span).unwrap_or_default();
-                let mut scratch = self.record_scratch.borrow_mut();
-                persist::encode_message(&mut scratch, &key.tenant, client_msg_id, encoded);
-                let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
-                ticket = Some(journal.append(&record, durability).map_err(AppendRefused::Journal)?);
-            }
+            let span = match journal {
+                None => self.encode_into_history(log, deliver.encoded_len(), |dst| deliver.encode(0, dst))?,
+                Some(journal) => {
+                    let (span, journaled) = self.journal_then_history(log, journal, key, client_msg_id, seq, timestamp_us, |dst| deliver.encode(0, dst))?;
+                    ticket = Some(journaled);
+                    span
+                }
+            };
             Ok((span, persist::deliver_sender_at(&key.session, sender)))
         };
         let outcome = match owned.session.publish(&mut history, sender.as_str(), client_msg_id, journal.is_none(), &mut encode) {
@@ -1079,13 +1087,14 @@ impl Shard {
             if let Frame::ConversationEvent(event) = &mut frame {
                 (event.epoch, event.seq, event.timestamp_us) = (epoch, seq, timestamp_us);
             }
-            let span = self.encode_into_history(log, frame.encoded_len(), |dst| frame.encode(0, dst))?;
-            if let Some((durability, journal)) = journal {
-                let mut scratch = self.record_scratch.borrow_mut();
-                persist::encode_message(&mut scratch, &key.tenant, 0, log.get(span).unwrap_or_default());
-                let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
-                ticket = Some(journal.append(&record, durability).map_err(AppendRefused::Journal)?);
-            }
+            let span = match journal {
+                None => self.encode_into_history(log, frame.encoded_len(), |dst| frame.encode(0, dst))?,
+                Some(journal) => {
+                    let (span, journaled) = self.journal_then_history(log, journal, key, 0, seq, timestamp_us, |dst| frame.encode(0, dst))?;
+                    ticket = Some(journaled);
+                    span
+                }
+            };
             // No sender: client_msg_id 0 below keeps it out of the idempotency check.
             Ok((span, (0, 0)))
         };
@@ -1188,6 +1197,36 @@ impl Shard {
         Ok(span)
     }
 
+    /// Journals a message record, then writes its frame into the history ring. In this order
+    /// so that a record the journal refuses (backpressure, full device) uses no ring space:
+    /// clients retrying under backpressure would otherwise overwrite other sessions' history.
+    #[allow(clippy::too_many_arguments)]
+    fn journal_then_history(
+        &self,
+        log: &mut HistoryLog,
+        (durability, journal): (crate::journal::Durability, &Journal<DmaStorage>),
+        key: &SessionKey,
+        client_msg_id: u64,
+        seq: u64,
+        timestamp_us: u64,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<(), EncodeError>,
+    ) -> Result<(LogSpan, Ticket), AppendRefused> {
+        let mut frame = self.frame_scratch.borrow_mut();
+        frame.clear();
+        encode(&mut frame).map_err(|error| AppendRefused::Unencodable(error.to_string()))?;
+        if !log.fits(frame.len()) {
+            return Err(AppendRefused::LargerThanHistory);
+        }
+        let ticket = {
+            let mut scratch = self.record_scratch.borrow_mut();
+            persist::encode_message(&mut scratch, &key.tenant, client_msg_id, &frame);
+            let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
+            journal.append(&record, durability).map_err(AppendRefused::Journal)?
+        };
+        let span = log.append(&frame).ok_or(AppendRefused::LargerThanHistory)?;
+        Ok((span, ticket))
+    }
+
     /// Counts and logs a refused append; the code and message for the publisher.
     fn refusal(&self, refused: &AppendRefused) -> (ErrorCode, &'static str) {
         match refused {
@@ -1242,7 +1281,8 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let Some(owned) = self.session_mut(&mut state, &key, Self::now_us() / 1000) else {
             drop(state);
-            return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
+            let (code, message) = (ErrorCode::LimitExceeded, "session limit of the shard reached");
+            return self.reply(origin, Event::SubscribeRefused { conn, correlation, key, code, message });
         };
         owned.interest.insert(origin);
         let history = self.history.borrow();
@@ -1324,6 +1364,26 @@ impl Shard {
                 self.local_fanout(&key, &out, ingress_raw);
             }
             Event::Failed { conn, correlation, code, message } => self.fail_request(conn, correlation, code, message),
+            Event::SubscribeRefused { conn, correlation, key, code, message } => {
+                // Not subscribed after all: a retry must not find it "already subscribed", and
+                // the pending count must not keep the local entry alive.
+                self.with_conn(conn, |entry| entry.subscriptions.remove(&key));
+                let unused = {
+                    let mut state = self.state.borrow_mut();
+                    let unused = state.local.get_mut(&key).is_some_and(|local| {
+                        local.pending = local.pending.saturating_sub(1);
+                        local.conns.is_empty() && local.pending == 0
+                    });
+                    if unused {
+                        state.local.remove(&key);
+                    }
+                    unused
+                };
+                if unused {
+                    self.uninterest(key);
+                }
+                self.fail_request(conn, correlation, code, message);
+            }
             Event::Done { conn, correlation } => self.send_frame(conn, &Frame::Success(Success {}), correlation),
             event @ (Event::DeskAnswer { .. }
             | Event::ConversationEvent { .. }
@@ -1342,7 +1402,9 @@ impl Shard {
             match state.local.get_mut(&key) {
                 Some(local) => {
                     local.pending = local.pending.saturating_sub(1);
-                    if still_wanted {
+                    // Subscribed, unsubscribed and subscribed again before the first answer:
+                    // both answers find it wanted, and it must be listed once.
+                    if still_wanted && !local.conns.contains(&conn) {
                         local.conns.push(conn);
                     }
                     still_wanted

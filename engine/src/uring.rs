@@ -745,11 +745,13 @@ impl UringSender {
                 return Err(EnqueueError::Closed);
             }
             let len = frame.len();
-            if conn.over_limits(len, cfg) {
+            let room = conn.tail.as_ref().is_some_and(|(lease, used)| used + len <= lease.capacity());
+            // A frame that fits the tail adds bytes, not a buffer.
+            let over = if room { conn.queued_bytes + len > cfg.conn_outbound_bytes_max } else { conn.over_limits(len, cfg) };
+            if over {
                 st.stats.slow_consumer_total += 1;
                 return Err(EnqueueError::SlowConsumer);
             }
-            let room = conn.tail.as_ref().is_some_and(|(lease, used)| used + len <= lease.capacity());
             if !room {
                 conn.seal_tail();
                 match fresh() {
@@ -805,7 +807,7 @@ impl UringSender {
         let wake = {
             let mut st = self.inner.state.borrow_mut();
             let Some(conn) = st.conn(slot) else { return };
-            let flushing_final = conn.state == ConnState::Closing && !conn.queue.is_empty();
+            let flushing_final = conn.state == ConnState::Closing && conn.buffers() > 0;
             if conn.op == Op::Idle && !flushing_final {
                 st.free_slot(slot.index);
                 false

@@ -148,6 +148,75 @@ fn unsubscribe_stops_delivery_and_unknown_unsubscribe_is_an_error() {
     engine.shutdown();
 }
 
+/// SUBSCRIBE, UNSUBSCRIBE and SUBSCRIBE again in one write, before the first answer can come
+/// back from an owner on another shard: each answer is received, and every later message is
+/// delivered once, not once per answer.
+#[test]
+fn resubscribing_before_the_answer_delivers_each_message_once() {
+    let engine = start(test_config(3));
+    let addr = engine.data_addr();
+    let mut subscriber = Raw::handshake(addr);
+    // Eight sessions spread over the three owners: whichever shard took the connection, most
+    // of them are owned elsewhere, so their answers cross the mesh.
+    let sessions: Vec<String> = (0..8).map(|i| format!("resub-{i}")).collect();
+    let mut expected = Vec::new();
+    for session in &sessions {
+        let subscribe = Frame::Subscribe(switchboard_protocol::Subscribe { session: session.as_str().into(), from: ResumeFrom::Live });
+        let unsubscribe = Frame::Unsubscribe(switchboard_protocol::Unsubscribe { session: session.as_str().into() });
+        let mut bytes = Vec::new();
+        for (correlation, frame) in [(1000, &subscribe), (1001, &unsubscribe), (1002, &subscribe)] {
+            bytes.extend_from_slice(&frame.to_bytes(correlation).unwrap());
+        }
+        subscriber.send_bytes(&bytes);
+        expected.extend([1000, 1001, 1002]);
+    }
+    let mut answered: Vec<u32> = (0..expected.len()).map(|_| subscriber.recv().correlation).collect();
+    answered.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(answered, expected, "every SUBSCRIBE and UNSUBSCRIBE is answered once");
+    let mut publisher = Raw::handshake(addr);
+    for session in &sessions {
+        publisher.publish(session, 0, b"once");
+    }
+    // A marker published last on the first session: everything before it has been delivered.
+    publisher.publish(&sessions[0], 0, b"marker");
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let deliver = subscriber.deliver();
+        if &deliver.payload[..] == b"marker" {
+            break;
+        }
+        seen.push(deliver.session.as_str().to_string());
+    }
+    seen.sort();
+    let mut want = sessions.clone();
+    want.sort();
+    assert_eq!(seen, want, "each session's message exactly once");
+    engine.shutdown();
+}
+
+/// A SUBSCRIBE the owner refuses (its session limit) leaves nothing behind: the same
+/// SUBSCRIBE succeeds once there is room.
+#[test]
+fn a_refused_subscribe_can_be_retried() {
+    let mut config = test_config(1);
+    config.limits.sessions_per_shard_max = 1;
+    let engine = start(config);
+    let addr = engine.data_addr();
+    let mut client = Raw::handshake(addr);
+    client.subscribe("first", ResumeFrom::Live);
+    let correlation = client.send(&Frame::Subscribe(switchboard_protocol::Subscribe { session: "second".into(), from: ResumeFrom::Live }));
+    let reply = client.recv();
+    assert_eq!(reply.correlation, correlation);
+    assert!(matches!(reply.frame, Frame::Error(ref e) if e.code == switchboard_protocol::ErrorCode::LimitExceeded.as_u16()), "{:?}", reply.frame);
+    // The same request again is refused for the same reason, not as "already subscribed".
+    let correlation = client.send(&Frame::Subscribe(switchboard_protocol::Subscribe { session: "second".into(), from: ResumeFrom::Live }));
+    let reply = client.recv();
+    assert_eq!(reply.correlation, correlation);
+    assert!(matches!(reply.frame, Frame::Error(ref e) if e.code == switchboard_protocol::ErrorCode::LimitExceeded.as_u16()), "{:?}", reply.frame);
+    engine.shutdown();
+}
+
 /// One connection streaming 100 000 publishes without pause while its acknowledgements stream
 /// back: every one is acknowledged, in order (the sender task is woken far more often than a
 /// glommio task's 16-bit waker count; see `UringSender::run` for the abort that once caused).
