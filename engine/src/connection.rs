@@ -182,18 +182,6 @@ impl Reader {
         self.subject = Text::from(identity.subject.as_str());
         self.shard.desk_register(self.conn, &identity);
         self.shard.with_conn(self.conn, |entry| entry.tenant = Some(identity.tenant.clone()));
-        if let Some(expires_at_s) = identity.expires_at_s {
-            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let left = Duration::from_secs(expires_at_s.saturating_sub(now_s) + self.shard.config.auth.leeway_s);
-            let (shard, conn) = (self.shard.weak(), self.conn);
-            let expiry = glommio::spawn_local(async move {
-                glommio::timer::Timer::new(left).await;
-                if let Some(shard) = shard.upgrade() {
-                    shard.expire_token(conn);
-                }
-            });
-            self.shard.with_conn(self.conn, |entry| entry.expiry = Some(expiry));
-        }
         let limits = &self.shard.config.limits;
         let welcome = Frame::Welcome(Welcome {
             version: ours,
@@ -212,6 +200,20 @@ impl Reader {
         });
         tracing::debug!(shard = self.shard.index, conn = self.conn, client = %hello.client_name, "handshake");
         self.shard.send_frame(self.conn, &welcome, correlation);
+        // The expiry timer only after WELCOME is queued: a token with (almost) no life left
+        // fires at once, and its GOAWAY must follow the WELCOME, not replace it.
+        if let Some(expires_at_s) = identity.expires_at_s {
+            let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let left = Duration::from_secs(expires_at_s.saturating_sub(now_s) + self.shard.config.auth.leeway_s);
+            let (shard, conn) = (self.shard.weak(), self.conn);
+            let expiry = glommio::spawn_local(async move {
+                glommio::timer::Timer::new(left).await;
+                if let Some(shard) = shard.upgrade() {
+                    shard.expire_token(conn);
+                }
+            });
+            self.shard.with_conn(self.conn, |entry| entry.expiry = Some(expiry));
+        }
         true
     }
 
