@@ -200,8 +200,9 @@ impl Reader {
         });
         tracing::debug!(shard = self.shard.index, conn = self.conn, client = %hello.client_name, "handshake");
         self.shard.send_frame(self.conn, &welcome, correlation);
-        // The expiry timer only after WELCOME is queued: a token with (almost) no life left
-        // fires at once, and its GOAWAY must follow the WELCOME, not replace it.
+        // The expiry timer only after WELCOME is queued: glommio polls a task spawned into the
+        // running task queue at once (`spawn_and_run`), so a token with under a second left
+        // ran `expire_token` inside `spawn_local`, and its GOAWAY replaced the WELCOME.
         if let Some(expires_at_s) = identity.expires_at_s {
             let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let left = Duration::from_secs(expires_at_s.saturating_sub(now_s) + self.shard.config.auth.leeway_s);
