@@ -92,11 +92,10 @@ impl HistoryLog {
     /// bytes to fill. `None` when the frame is larger than the whole ring (the configuration
     /// makes the ring hold many largest frames, so this is a refusal, never a panic).
     pub fn reserve(&mut self, len: usize) -> Option<(LogSpan, &mut [u8])> {
-        let capacity = self.ring.len() as u64;
-        let len_u32 = u32::try_from(len).ok()?;
-        if len as u64 > capacity {
+        if !self.fits(len) {
             return None;
         }
+        let capacity = self.ring.len() as u64;
         let mut pos = self.head;
         let offset = pos % capacity;
         if offset + len as u64 > capacity {
@@ -111,7 +110,7 @@ impl HistoryLog {
             ahead += CACHE_LINE_BYTES;
         }
         let start = (pos % capacity) as usize;
-        Some((LogSpan { pos, len: len_u32 }, &mut self.ring[start..start + len]))
+        Some((LogSpan { pos, len: len as u32 }, &mut self.ring[start..start + len]))
     }
 
     /// Whether a frame of `len` bytes can be written (it is no larger than the ring).

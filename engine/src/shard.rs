@@ -657,17 +657,17 @@ impl Shard {
             }
             // Kept for the subscription's lifetime: one owned copy of the strings per session
             // (not pinning a read buffer), shared with every connection subscribing to it.
-            let shared = match local.get_key_value(&key) {
-                Some((shared, _)) => shared.clone(),
+            let shared = match local.get_key_value_mut(&key) {
+                Some((shared, subscribers)) => {
+                    subscribers.pending += 1;
+                    shared.clone()
+                }
                 None => {
                     let shared = Rc::new(SessionKey::owned(&key.tenant, &key.session));
-                    local.insert(shared.clone(), LocalSubscribers::default());
+                    local.insert(shared.clone(), LocalSubscribers { pending: 1, ..LocalSubscribers::default() });
                     shared
                 }
             };
-            if let Some(subscribers) = local.get_mut(&key) {
-                subscribers.pending += 1;
-            }
             entry.subscriptions.insert(shared.clone());
             // What the request carries: the owned strings, not the read buffer's.
             (*shared).clone()
@@ -1144,15 +1144,8 @@ impl Shard {
     fn fanout_encoded(&self, key: &SessionKey, interest: ShardSet, frame: Bytes, ingress_raw: u64) {
         let mut remote = interest;
         remote.remove(self.index);
-        for peer in remote.iter() {
-            if let Some(link) = &self.events_out[peer] {
-                link.push(Event::Fanout { key: key.clone(), frame: frame.clone(), ingress_raw });
-            }
-        }
-        if interest.contains(self.index) {
-            let out = self.to_pool(frame);
-            self.local_fanout(key, &out, ingress_raw);
-        }
+        let local = interest.contains(self.index).then(|| self.to_pool(frame.clone()));
+        self.fanout_copies(key, FanoutCopies { local, remote, shared: Some(frame) }, ingress_raw);
     }
 
     /// Copies a frame for its fan-out: into a pool buffer for this shard's subscribers, and
@@ -1160,13 +1153,7 @@ impl Shard {
     fn copy_for_fanout(&self, interest: ShardSet, frame: &[u8]) -> FanoutCopies {
         let mut remote = interest;
         remote.remove(self.index);
-        let local = interest.contains(self.index).then(|| match self.pool.lease_copy(frame) {
-            Ok(lease) => OutBuf::Pooled(lease),
-            Err(_) => {
-                self.count(|c| c.pool_fallbacks_total += 1);
-                OutBuf::Heap(Bytes::copy_from_slice(frame))
-            }
-        });
+        let local = interest.contains(self.index).then(|| self.pool_copy(frame, || Bytes::copy_from_slice(frame)));
         let shared = (remote != ShardSet::default()).then(|| Bytes::copy_from_slice(frame));
         FanoutCopies { local, remote, shared }
     }
@@ -1246,11 +1233,16 @@ impl Shard {
     /// Copies an encoded frame into a pool buffer (the I/O side's memory); keeps the heap
     /// buffer when the pool is exhausted (counted).
     fn to_pool(&self, frame: Bytes) -> OutBuf {
-        if let Ok(lease) = self.pool.lease_copy(&frame) {
+        self.pool_copy(&frame, || frame.clone())
+    }
+
+    /// `frame` in a pool buffer, or on the heap (`heap()`) when the pool is exhausted (counted).
+    fn pool_copy(&self, frame: &[u8], heap: impl FnOnce() -> Bytes) -> OutBuf {
+        if let Ok(lease) = self.pool.lease_copy(frame) {
             return OutBuf::Pooled(lease);
         }
         self.count(|c| c.pool_fallbacks_total += 1);
-        OutBuf::Heap(frame)
+        OutBuf::Heap(heap())
     }
 
     fn local_fanout(&self, key: &SessionKey, out: &OutBuf, ingress_raw: u64) {

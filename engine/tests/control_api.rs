@@ -350,6 +350,8 @@ fn views_and_metrics_reflect_the_desk() {
         gateway.request_ok(&open(&session, &format!("cus-{n}")));
         groups.push(sup.event(&session, Kind::Queued).group.to_string());
     }
+    // Not synchronisation (the events above say the desk has them): time for the queued
+    // conversations to have waited, which the queues view must report (>= 20 ms below).
     std::thread::sleep(std::time::Duration::from_millis(20));
 
     let agents = get_json(control, "/v1/tenants/acme/agents");
