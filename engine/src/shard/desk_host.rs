@@ -141,7 +141,7 @@ impl Shard {
     /// Notes a connection's verified identity (after WELCOME).
     pub(crate) fn desk_register(&self, conn: ConnId, identity: &Identity) {
         let rate_config = self.rate_config(&identity.tenant);
-        let now_us = Self::now_us();
+        let now_us = self.now_us();
         let rates = RateBuckets::for_connection(&rate_config, now_us);
         if identity.role == Role::Supervisor {
             self.desk.supervisors.borrow_mut().entry(identity.tenant.clone()).or_default().push(conn);
@@ -190,7 +190,7 @@ impl Shard {
         if !self.rate_limited {
             return Ok(());
         }
-        let now_us = Self::now_us();
+        let now_us = self.now_us();
         let mut conns = self.desk.conns.borrow_mut();
         let Some(local) = conns.get_mut(&conn) else { return Ok(()) };
         let mut tenants = self.desk.tenant_rates.borrow_mut();
@@ -581,7 +581,7 @@ impl Shard {
                         session,
                         epoch: 0,
                         seq: 0,
-                        timestamp_us: Self::now_us(),
+                        timestamp_us: self.now_us(),
                         kind,
                         agent: agent.clone(),
                         queue: Text::new(),
