@@ -778,7 +778,7 @@ pub struct LimitsConfig {
     /// Bytes of history one shard keeps, in one ring shared by its sessions: the oldest
     /// messages are overwritten first, so a session keeps fewer than `history_messages_max`
     /// when the shard's recent traffic no longer fits (resumes reaching further back are told
-    /// `recovered = false`). Resident from start (populated when the shard starts).
+    /// `recovered = false`). Reserved at start, used as written.
     pub history_bytes_per_shard: usize,
     /// Most sessions one shard holds.
     pub sessions_per_shard_max: usize,

@@ -33,9 +33,6 @@ pub struct LogSpan {
 /// Bytes past the write position warmed for the next frames (see [`prefetch`]).
 const WRITE_AHEAD_BYTES: u64 = 512;
 
-/// Smallest page size, for touching every page when the kernel cannot populate a mapping.
-const PAGE_BYTES: usize = 4096;
-
 /// Cache line size assumed for prefetching.
 const CACHE_LINE_BYTES: u64 = 64;
 
@@ -68,30 +65,16 @@ impl std::fmt::Debug for HistoryLog {
 }
 
 impl HistoryLog {
-    /// A ring of `capacity_bytes`, resident from the start (like the buffer pools). Huge pages
-    /// are asked for (best effort) because sessions' recent messages are spread over the whole
-    /// ring and a resume or duplicate check reads them at random.
-    ///
-    /// Why populate now rather than as the ring fills: the first write to fresh memory is a
-    /// page fault, and on the project's VMs it costs ~2 ms per 2 MiB (the host backs guest
-    /// memory lazily; measured with a first-touch loop, bench/RESULTS.md). Filling the ring
-    /// under live traffic put those stalls on the shard's one thread, in the middle of fan-out.
+    /// A ring of `capacity_bytes`. The mapping is reserved, not touched: memory is used as it
+    /// is written. Huge pages are asked for (best effort) because sessions' recent messages
+    /// are spread over the whole ring and a resume or duplicate check reads them at random.
     pub fn new(capacity_bytes: usize) -> io::Result<HistoryLog> {
         if capacity_bytes == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "history ring of 0 bytes"));
         }
-        let mut ring = memmap2::MmapOptions::new().len(capacity_bytes).map_anon()?;
+        let ring = memmap2::MmapOptions::new().len(capacity_bytes).map_anon()?;
         #[cfg(target_os = "linux")]
-        {
-            let _ = ring.advise(memmap2::Advice::HugePage);
-            if ring.advise(memmap2::Advice::PopulateWrite).is_ok() {
-                return Ok(HistoryLog { ring, head: 0 });
-            }
-        }
-        // No MADV_POPULATE_WRITE (kernels before 5.14): write one byte per page instead.
-        for page in ring.chunks_mut(PAGE_BYTES) {
-            page[0] = 0;
-        }
+        let _ = ring.advise(memmap2::Advice::HugePage);
         Ok(HistoryLog { ring, head: 0 })
     }
 
