@@ -68,6 +68,11 @@ impl HistoryLog {
     /// A ring of `capacity_bytes`. The mapping is reserved, not touched: memory is used as it
     /// is written. Huge pages are asked for (best effort) because sessions' recent messages
     /// are spread over the whole ring and a resume or duplicate check reads them at random.
+    ///
+    /// Not populated at start, on purpose: that made every shard resident at full size with
+    /// no traffic (32 MiB per CPU by default). The price is paid once, while the ring first
+    /// fills: a page fault per 2 MiB written, 0.3–2 ms each on the project's VMs
+    /// (`touch_probe`, bench/RESULTS.md), on the shard's thread.
     pub fn new(capacity_bytes: usize) -> io::Result<HistoryLog> {
         if capacity_bytes == 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "history ring of 0 bytes"));
