@@ -6,6 +6,13 @@ mod common;
 use common::{start, test_config, Raw};
 use switchboard_protocol::{Frame, ResumeFrom};
 
+/// How far a DELIVER timestamp may sit outside the test's own clock readings, in µs.
+const TIMESTAMP_SLACK_US: u64 = 100_000;
+
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
 /// Three subscribers on three connections (the kernel spreads them over shards) see every
 /// message of every session, in the same order, with consecutive seqs.
 fn fan_out_in_order(shards: usize) {
@@ -22,6 +29,7 @@ fn fan_out_in_order(shards: usize) {
     }
     let mut publisher = Raw::handshake(addr);
     let per_session = 50u64;
+    let published_from_us = wall_clock_us();
     for round in 0..per_session {
         for session in &sessions {
             let ack = publisher.publish(session, 0, format!("{session}/{round}").as_bytes());
@@ -36,6 +44,14 @@ fn fan_out_in_order(shards: usize) {
             let index = sessions.iter().position(|s| *s == deliver.session.as_str()).expect("a subscribed session");
             assert_eq!(deliver.seq, next_seq[index], "per-session order, no gap, no duplicate");
             assert_eq!(&deliver.payload[..], format!("{}/{}", deliver.session, deliver.seq - 1).as_bytes());
+            // The owner stamps wall-clock time (counted on from the TSC between readings of the
+            // system clock): it lies between the first publish and now, give or take a little.
+            let now_us = wall_clock_us();
+            assert!(
+                (published_from_us - TIMESTAMP_SLACK_US..=now_us + TIMESTAMP_SLACK_US).contains(&deliver.timestamp_us),
+                "timestamp {} outside [{published_from_us}, {now_us}]",
+                deliver.timestamp_us
+            );
             next_seq[index] += 1;
         }
     }
