@@ -19,6 +19,9 @@ use crate::mesh::{ConnId, DeskOp, PublishRequest, SessionKey};
 use crate::rate::Limited;
 use crate::shard::Shard;
 
+/// Tokens expiring further out than this never expire on a live connection (no timer is armed).
+const TOKEN_EXPIRY_TIMER_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Bytes read from the socket per call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -205,7 +208,12 @@ impl Reader {
         // ran `expire_token` inside `spawn_local`, and its GOAWAY replaced the WELCOME.
         if let Some(expires_at_s) = identity.expires_at_s {
             let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let left = Duration::from_secs(expires_at_s.saturating_sub(now_s) + self.shard.config.auth.leeway_s);
+            let left = Duration::from_secs(expires_at_s.saturating_sub(now_s).saturating_add(self.shard.config.auth.leeway_s));
+            if left > TOKEN_EXPIRY_TIMER_MAX {
+                // A signed token may say `exp: u64::MAX` ("never"): a timer that far out
+                // overflows the timer's Instant arithmetic (a panic, which aborts the engine).
+                return true;
+            }
             let (shard, conn) = (self.shard.weak(), self.conn);
             let expiry = glommio::spawn_local(async move {
                 glommio::timer::Timer::new(left).await;

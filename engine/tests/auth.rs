@@ -124,3 +124,16 @@ fn a_token_expiring_on_a_live_connection_gets_goaway_auth_expired() {
     assert!(matches!(frames.last(), Some(Frame::GoAway(g)) if g.reason == GoAwayReason::AuthExpired), "{frames:?}");
     engine.shutdown();
 }
+
+/// A validly signed token that "never" expires (`exp` = u64::MAX) is welcomed and the engine
+/// carries on: arming an expiry timer that far out used to panic, aborting every tenant.
+#[test]
+fn a_token_that_never_expires_is_welcomed_and_the_engine_carries_on() {
+    let engine = engine(2);
+    let mut forever = Raw::connect(engine.data_addr());
+    assert_eq!(hello(&mut forever, &token("acme-1", ACME_OLD, "acme", u64::MAX)).unwrap(), "acme");
+    forever.subscribe("conv-forever", ResumeFrom::Live);
+    let mut other = Raw::connect(engine.data_addr());
+    assert_eq!(hello(&mut other, &token("globex-1", GLOBEX, "globex", now_s() + 3600)).unwrap(), "globex");
+    engine.shutdown();
+}
