@@ -737,6 +737,7 @@ impl Shard {
         let owner = request.key.shard(self.shards);
         if owner == self.index {
             self.owner_publish(self.index, &request);
+            self.wait_for_event_links().await;
         } else {
             self.request(owner, Request::Publish(request)).await;
         }
@@ -747,6 +748,7 @@ impl Shard {
         let owner = key.shard(self.shards);
         if owner == self.index {
             self.owner_read_cursor(self.index, conn, correlation, &key, &participant, seq);
+            self.wait_for_event_links().await;
         } else {
             self.request(owner, Request::ReadCursor { conn, correlation, key, participant, seq }).await;
         }
@@ -757,6 +759,7 @@ impl Shard {
         let owner = key.shard(self.shards);
         if owner == self.index {
             self.owner_typing(&key, &participant, active);
+            self.wait_for_event_links().await;
         } else {
             self.request(owner, Request::Typing { key, participant, active }).await;
         }
@@ -777,9 +780,13 @@ impl Shard {
         }
     }
 
-    /// Waits until the event link to `peer` has room (called by request handlers).
-    async fn wait_for_event_room(&self, peer: usize) {
-        if let Some(link) = &self.events_out[peer] {
+    /// Waits until no event link is backlogged. Owner work pushes events (answers, and fan-out
+    /// to every shard with subscribers) without waiting, so whoever caused it — a request
+    /// handler, or a local connection's publish, cursor or typing — waits here afterwards: a
+    /// slow peer then slows its producers instead of growing their links without bound. Event
+    /// handlers drain these links and never wait, so no cycle of shards can wait on each other.
+    async fn wait_for_event_links(&self) {
+        for link in self.events_out.iter().flatten() {
             link.wait_for_room().await;
         }
     }
@@ -1343,7 +1350,7 @@ impl Shard {
         self.fanout(key, interest, &frame, 0);
     }
 
-    /// Handles one request from `origin`'s ring. May wait for room on the event link back.
+    /// Handles one request from `origin`'s ring. May wait for room on the event links.
     pub(crate) async fn handle_request(&self, origin: usize, request: Request) {
         match request {
             Request::Publish(request) => self.owner_publish(origin, &request),
@@ -1355,7 +1362,7 @@ impl Shard {
             Request::Typing { key, participant, active } => self.owner_typing(&key, &participant, active),
             Request::Desk(request) => self.desk_request(origin, request),
         }
-        self.wait_for_event_room(origin).await;
+        self.wait_for_event_links().await;
     }
 
     // ---- events from owners (never wait) ----
