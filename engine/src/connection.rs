@@ -170,7 +170,7 @@ impl Reader {
             return false;
         }
         let identity = match &self.shard.auth {
-            None => Identity { tenant: OPEN_TENANT, role: Role::Gateway, subject: hello.client_name.clone(), expires_at_s: None },
+            None => Identity { tenant: OPEN_TENANT, role: Role::Gateway, subject: own(&hello.client_name), expires_at_s: None },
             Some(auth) => match auth.verify(hello.token.as_str()) {
                 Ok(identity) => identity,
                 Err(error) => {
@@ -331,6 +331,11 @@ impl Reader {
                 self.shard.desk_call(self.conn, correlation, op).await;
             }
             Frame::AgentStatus(status) => {
+                // Refused here, before the shard notes the agent for this connection: a
+                // customer or agent naming other agents must not grow that list.
+                if !self.speaks_as_self(correlation, &status.agent, "agent") {
+                    return;
+                }
                 let skills = status.skills.iter().map(own).collect();
                 let op = DeskOp::AgentStatus { agent: own(&status.agent), presence: status.presence, capacity: status.capacity, skills };
                 self.shard.desk_call(self.conn, correlation, op).await;
