@@ -22,6 +22,11 @@ use crate::shard::Shard;
 /// Tokens expiring further out than this never expire on a live connection (no timer is armed).
 const TOKEN_EXPIRY_TIMER_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// Largest frame body accepted before WELCOME, in bytes: a whole HELLO (two versions, feature
+/// bits, a client name and a token) fits. Without it a peer that never authenticates could
+/// make the decoder reserve `frame_body_bytes_max` (1 MiB) per connection by sending a header.
+const HANDSHAKE_BODY_BYTES_MAX: u32 = (switchboard_protocol::limits::TOKEN_BYTES_MAX + switchboard_protocol::limits::ID_BYTES_MAX + 64) as u32;
+
 /// Bytes read from the socket per call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -42,6 +47,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         tenant: OPEN_TENANT,
         role: Role::Gateway,
         subject: Text::new(),
+        limits: switchboard_protocol::Limits { frame_body_bytes_max: HANDSHAKE_BODY_BYTES_MAX.min(shard.limits.frame_body_bytes_max) },
     };
     reader.run().await;
     // Remove before the stream drops: a delayed force-close checks the id before using the fd.
@@ -71,6 +77,8 @@ struct Reader {
     role: Role,
     /// The verified subject (customer or agent id for those roles).
     subject: Text,
+    /// What the decoder accepts: HELLO-sized until WELCOME, the configured limits after.
+    limits: switchboard_protocol::Limits,
 }
 
 /// An id that owns its memory, for state kept beyond this frame (the desk's tables).
@@ -87,7 +95,7 @@ impl Reader {
     async fn run(&mut self) {
         let handshake = Duration::from_millis(self.shard.config.limits.handshake_timeout_ms);
         match glommio::timer::timeout(handshake, async { Ok(self.handshake().await) }).await {
-            Ok(true) => {}
+            Ok(true) => self.limits = self.shard.limits,
             Ok(false) => return,
             Err(_) => {
                 self.shard.protocol_error(self.conn, 0, ErrorCode::HandshakeRequired, "no HELLO within the handshake timeout".into());
@@ -133,7 +141,7 @@ impl Reader {
 
     /// Decodes one frame; a decode error is answered and closes the connection.
     fn next_frame(&mut self) -> Result<Option<(u32, Frame)>, ()> {
-        match decode(&mut self.buffer, &self.shard.limits) {
+        match decode(&mut self.buffer, &self.limits) {
             Ok(Some(envelope)) => Ok(Some((envelope.correlation, envelope.frame))),
             Ok(None) => Ok(None),
             Err(error) => {

@@ -25,6 +25,29 @@ fn assert_others_unaffected(addr: std::net::SocketAddr, witness: &mut Raw, sessi
     assert_eq!((deliver.seq, &deliver.payload[..]), (ack.seq, &b"still here"[..]));
 }
 
+/// Before WELCOME only a HELLO-sized body is accepted: a header announcing a 100 kB HELLO is
+/// refused at once (after WELCOME the same length is fine), so a peer that never
+/// authenticates cannot make the engine reserve up to `frame_body_bytes_max` per connection.
+#[test]
+fn before_welcome_only_a_hello_sized_frame_is_accepted() {
+    let engine = start(test_config(1));
+    let addr = engine.data_addr();
+    let mut raw = Raw::connect(addr);
+    let hello = Frame::Hello(switchboard_protocol::Hello { version_max: 1, version_min: 1, features: 0, client_name: "big".into(), token: "t".into() });
+    let mut header = hello.to_bytes(1).unwrap().to_vec();
+    header[8..12].copy_from_slice(&100_000u32.to_le_bytes());
+    raw.send_bytes(&header[..HEADER_BYTES]);
+    expect_error_then_close(&mut raw, ErrorCode::FrameTooLarge);
+    // After WELCOME a 100 kB frame is within the limits (its payload is then judged).
+    let mut raw = Raw::handshake(addr);
+    let correlation = raw.send(&Raw::publish_frame("x", "a", 0, &vec![0u8; 100_000]));
+    let reply = raw.recv();
+    assert_eq!(reply.correlation, correlation);
+    assert!(matches!(reply.frame, Frame::Error(ref e) if ErrorCode::from_u16(e.code) == ErrorCode::LimitExceeded), "{:?}", reply.frame);
+    assert_eq!(raw.publish("x", 0, b"fine").seq, 1, "the connection is still usable");
+    engine.shutdown();
+}
+
 #[test]
 fn malformed_truncated_oversize_and_out_of_order_frames_close_only_their_connection() {
     for shards in [1, 3] {
