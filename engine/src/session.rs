@@ -262,18 +262,32 @@ impl Session {
         self.read_cursors.as_deref().map_or(&[], Vec::as_slice)
     }
 
-    /// Moves a participant's read cursor forward (never back); returns the cursor now.
-    pub fn set_read_cursor(&mut self, participant: &Text, seq: u64) -> u64 {
+    /// Moves a participant's read cursor forward (never back). `Ok` with the cursor now and
+    /// whether it changed (an unchanged cursor is not journaled or fanned out again); `Err`
+    /// when the participant is new and the session already has [`READ_CURSORS_MAX`].
+    pub fn set_read_cursor(&mut self, participant: &Text, seq: u64) -> Result<(u64, bool), CursorsFull> {
         let seq = seq.min(self.visible_seq);
         let cursors = self.read_cursors.get_or_insert_with(Box::default);
         if let Some((_, cursor)) = cursors.iter_mut().find(|(who, _)| who == participant) {
+            let moved = seq > *cursor;
             *cursor = (*cursor).max(seq);
-            return *cursor;
+            return Ok((*cursor, moved));
+        }
+        if cursors.len() >= READ_CURSORS_MAX {
+            return Err(CursorsFull);
         }
         cursors.push((Text::from(participant.as_str()), seq));
-        seq
+        Ok((seq, true))
     }
 }
+
+/// Most participants with a read cursor in one session. Gateways and supervisors may name any
+/// participant, so without a bound one client could grow a session (and each lookup) at will.
+pub const READ_CURSORS_MAX: usize = 256;
+
+/// A new read cursor refused: the session has [`READ_CURSORS_MAX`] already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorsFull;
 
 /// A session's newest history entries, oldest first: a vector that grows up to the session's
 /// limit and then overwrites its oldest entry in place. Unlike a deque's pop-then-push, the
@@ -450,9 +464,21 @@ mod tests {
     fn read_cursors_only_move_forward_and_stay_within_head() {
         let (mut session, _log) = session_with(5, 8);
         let bob = Text::from("bob");
-        assert_eq!(session.set_read_cursor(&bob, 3), 3);
-        assert_eq!(session.set_read_cursor(&bob, 2), 3);
-        assert_eq!(session.set_read_cursor(&bob, 99), 5);
+        assert_eq!(session.set_read_cursor(&bob, 3), Ok((3, true)));
+        assert_eq!(session.set_read_cursor(&bob, 2), Ok((3, false)));
+        assert_eq!(session.set_read_cursor(&bob, 3), Ok((3, false)));
+        assert_eq!(session.set_read_cursor(&bob, 99), Ok((5, true)));
+    }
+
+    #[test]
+    fn read_cursors_are_bounded_per_session() {
+        let (mut session, _log) = session_with(5, 8);
+        for i in 0..READ_CURSORS_MAX {
+            assert!(session.set_read_cursor(&Text::from(format!("p{i}")), 1).is_ok());
+        }
+        assert_eq!(session.set_read_cursor(&Text::from("one-too-many"), 1), Err(CursorsFull));
+        assert_eq!(session.set_read_cursor(&Text::from("p0"), 2), Ok((2, true)), "known participants still move");
+        assert_eq!(session.read_cursors().len(), READ_CURSORS_MAX);
     }
 
     #[test]

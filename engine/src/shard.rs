@@ -1320,9 +1320,18 @@ impl Shard {
             drop(state);
             return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::NotFound, message: "no such session" });
         };
-        let cursor = owned.session.set_read_cursor(participant, seq);
+        let set = owned.session.set_read_cursor(participant, seq);
         let interest = owned.interest;
         drop(state);
+        let cursor = match set {
+            Ok((cursor, true)) => cursor,
+            // Unchanged: nothing to journal or tell anyone.
+            Ok((_, false)) => return self.reply(origin, Event::Done { conn, correlation }),
+            Err(crate::session::CursorsFull) => {
+                let message = "read cursors per session limit reached";
+                return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message });
+            }
+        };
         self.journal_read_cursor(key, participant, cursor);
         let frame = Frame::ReadCursor(ReadCursor { session: key.session.clone(), participant: participant.clone(), seq: cursor });
         self.fanout(key, interest, &frame, 0);

@@ -290,3 +290,38 @@ fn an_idle_session_is_dropped_and_comes_back_in_a_new_epoch() {
     assert!(kept.recovered && kept.head_seq == 1 && kept.epoch == watched.epoch, "{kept:?}");
     engine.shutdown();
 }
+
+/// A read cursor that moves is pushed to subscribers; one that does not is answered OK and not
+/// pushed again; a session keeps at most 256 participants' cursors (the next gets
+/// ERROR(LimitExceeded)) and the connection carries on.
+#[test]
+fn read_cursors_are_pushed_when_they_move_and_bounded_per_session() {
+    use switchboard_protocol::{ErrorCode, ReadCursor};
+    let engine = start(test_config(2));
+    let addr = engine.data_addr();
+    let mut subscriber = Raw::handshake(addr);
+    subscriber.subscribe("cursors", ResumeFrom::Live);
+    let mut gateway = Raw::handshake(addr);
+    gateway.publish("cursors", 0, b"one");
+    assert_eq!(subscriber.deliver().seq, 1);
+    let mut cursor = |gateway: &mut Raw, participant: String| {
+        let correlation = gateway.send(&Frame::ReadCursor(ReadCursor { session: "cursors".into(), participant: participant.as_str().into(), seq: 1 }));
+        let reply = gateway.recv();
+        assert_eq!(reply.correlation, correlation);
+        reply.frame
+    };
+    assert!(matches!(cursor(&mut gateway, "p0".into()), Frame::Success(_)));
+    assert!(matches!(subscriber.recv().frame, Frame::ReadCursor(ref c) if c.participant.as_str() == "p0" && c.seq == 1));
+    // The same cursor again: OK, and the subscriber's next frame is the next message, not a
+    // second push of the cursor.
+    assert!(matches!(cursor(&mut gateway, "p0".into()), Frame::Success(_)));
+    gateway.publish("cursors", 0, b"two");
+    assert_eq!(subscriber.deliver().seq, 2);
+    for i in 1..256 {
+        assert!(matches!(cursor(&mut gateway, format!("p{i}")), Frame::Success(_)), "cursor {i}");
+    }
+    let refused = cursor(&mut gateway, "p256".into());
+    assert!(matches!(refused, Frame::Error(ref e) if ErrorCode::from_u16(e.code) == ErrorCode::LimitExceeded), "{refused:?}");
+    assert_eq!(gateway.publish("cursors", 0, b"three").seq, 3, "the connection carries on");
+    engine.shutdown();
+}
