@@ -153,6 +153,10 @@ pub struct TenantConfig {
     /// This tenant's rate limits; absent: the top-level `[rate_limits]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limits: Option<RateLimitsConfig>,
+    /// Most sessions of this tenant one shard holds (new ones beyond get ERROR(LimitExceeded)),
+    /// so one tenant cannot fill a shard for all; absent: only `limits.sessions_per_shard_max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions_per_shard_max: Option<usize>,
 }
 
 /// How a desk picks an agent among those who can take a conversation: the same document in
@@ -1025,6 +1029,9 @@ impl Config {
             if tenant.keys.is_empty() {
                 return invalid("tenants.keys", "every tenant needs at least one key");
             }
+            if tenant.sessions_per_shard_max == Some(0) {
+                return invalid("tenants.sessions_per_shard_max", "must be at least 1 (leave it out for no quota of the tenant's own)");
+            }
             for key in &tenant.keys {
                 if key.secret.len() < 32 {
                     return invalid("tenants.keys.secret", "must be at least 32 bytes");
@@ -1090,8 +1097,8 @@ mod tests {
         config.journal.durability = DurabilityMode::None;
         assert!(!config.journal_enabled());
         let key = TenantKeyConfig { kid: "k".into(), secret: "s".repeat(32) };
-        config.tenants.push(TenantConfig { id: "acme".into(), keys: vec![key.clone()], durability: Some(DurabilityMode::Interval), desk: None, rate_limits: None });
-        config.tenants.push(TenantConfig { id: "globex".into(), keys: vec![TenantKeyConfig { kid: "g".into(), ..key }], durability: None, desk: None, rate_limits: None });
+        config.tenants.push(TenantConfig { id: "acme".into(), keys: vec![key.clone()], durability: Some(DurabilityMode::Interval), desk: None, rate_limits: None, sessions_per_shard_max: None });
+        config.tenants.push(TenantConfig { id: "globex".into(), keys: vec![TenantKeyConfig { kid: "g".into(), ..key }], durability: None, desk: None, rate_limits: None, sessions_per_shard_max: None });
         assert_eq!(config.durability_of("acme"), DurabilityMode::Interval);
         assert_eq!(config.durability_of("globex"), DurabilityMode::None);
         assert!(config.journal_enabled());

@@ -133,7 +133,7 @@ pub fn render(snapshots: &[ShardSnapshot], desks: &[DeskMetrics]) -> String {
     b.counter("request_errors", "Requests answered with ERROR", c(|s| s.counters.request_errors_total));
     b.counter("pool_fallbacks", "Frames encoded into heap buffers because the pool was exhausted", c(|s| s.counters.pool_fallbacks_total));
     b.counter("sessions_dropped_idle", "Sessions dropped by the idle sweep (limits.session_idle_ms)", c(|s| s.counters.sessions_dropped_idle_total));
-    b.counter("session_limit_refusals", "Sessions refused at sessions_per_shard_max", c(|s| s.counters.session_limit_refusals_total));
+    b.counter("session_limit_refusals", "Sessions refused at sessions_per_shard_max (the shard's or a tenant's)", c(|s| s.counters.session_limit_refusals_total));
 
     let links = |pick: fn(&crate::mesh::LinkStats) -> u64| {
         snapshots

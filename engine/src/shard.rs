@@ -163,6 +163,8 @@ pub(crate) type SessionSet = hashbrown::HashSet<SharedKey, foldhash::quality::Ra
 #[derive(Default)]
 struct ShardState {
     sessions: SessionMap<OwnedSession>,
+    /// Sessions held per tenant that has `sessions_per_shard_max` of its own.
+    tenant_sessions: hashbrown::HashMap<Text, usize, foldhash::quality::RandomState>,
     local: hashbrown::HashMap<SharedKey, LocalSubscribers, foldhash::quality::RandomState>,
     conns: ConnMap<ConnEntry>,
 }
@@ -192,7 +194,7 @@ pub struct ShardCounters {
     pub request_errors_total: u64,
     /// Frames that went to a heap buffer because the pool was exhausted.
     pub pool_fallbacks_total: u64,
-    /// Sessions refused at `sessions_per_shard_max`.
+    /// Sessions refused at `sessions_per_shard_max` (the shard's, or a tenant's own).
     pub session_limit_refusals_total: u64,
     /// PUBLISH frames refused because the journal could not take them.
     pub journal_refusals_total: u64,
@@ -242,6 +244,8 @@ pub struct Shard {
     frame_scratch: RefCell<Vec<u8>>,
     /// Tenants whose durability differs from `config.journal.durability`.
     tenant_durability: Vec<(String, DurabilityMode)>,
+    /// Tenants with a session quota of their own on each shard.
+    tenant_session_quota: Vec<(String, usize)>,
     /// The epoch the next new session gets.
     next_session_epoch: Cell<u64>,
     /// Whether any rate limit is configured (else the token-bucket check is skipped).
@@ -306,6 +310,7 @@ impl Shard {
             .iter()
             .filter_map(|tenant| tenant.durability.filter(|&d| d != config.journal.durability).map(|d| (tenant.id.clone(), d)))
             .collect();
+        let tenant_session_quota = config.tenants.iter().filter_map(|tenant| tenant.sessions_per_shard_max.map(|max| (tenant.id.clone(), max))).collect();
         let desk = desk_host::DeskHost::default();
         let rate_limited = config.any_rate_limit();
         Rc::new_cyclic(|me| Shard {
@@ -335,6 +340,7 @@ impl Shard {
             record_scratch: RefCell::new(Vec::new()),
             frame_scratch: RefCell::new(Vec::new()),
             tenant_durability,
+            tenant_session_quota,
             next_session_epoch: Cell::new(epoch.max(1)),
             rate_limited,
         })
@@ -344,6 +350,9 @@ impl Shard {
     pub fn restore(&self, sessions: Vec<(SessionKey, Session)>) {
         let mut state = self.state.borrow_mut();
         for (key, session) in sessions {
+            if self.session_quota(&key.tenant).is_some() {
+                *state.tenant_sessions.entry(key.tenant.clone()).or_default() += 1;
+            }
             state.sessions.insert(key, OwnedSession { session, interest: ShardSet::default(), last_active_ms: self.now_us() / 1000, ended: false });
         }
     }
@@ -796,21 +805,34 @@ impl Shard {
     /// The session, created when new. A new session gets an epoch of its own, never handed
     /// out before: a session dropped by the idle sweep and created again must not let a client
     /// holding an old (epoch, seq) believe it resumed.
-    fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey, now_ms: u64) -> Option<&'a mut OwnedSession> {
+    ///
+    /// Refused (with the message for the ERROR) when the shard holds `sessions_per_shard_max`
+    /// sessions, or the session's tenant holds its own `sessions_per_shard_max` here.
+    fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey, now_ms: u64) -> Result<&'a mut OwnedSession, &'static str> {
         let full = state.sessions.len() >= self.config.limits.sessions_per_shard_max;
+        let quota = self.session_quota(&key.tenant);
+        let tenant_full = quota.is_some_and(|max| state.tenant_sessions.get(&key.tenant).copied().unwrap_or(0) >= max);
         let owned = match state.sessions.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
-            hashbrown::hash_map::EntryRef::Vacant(_) if full => {
+            hashbrown::hash_map::EntryRef::Vacant(_) if full || tenant_full => {
                 self.count(|c| c.session_limit_refusals_total += 1);
-                return None;
+                return Err(if full { "session limit of the shard reached" } else { "the tenant's session limit on this shard reached" });
             }
             hashbrown::hash_map::EntryRef::Vacant(entry) => {
                 let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
+                if quota.is_some() {
+                    *state.tenant_sessions.entry(key.tenant.clone()).or_default() += 1;
+                }
                 entry.insert(OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false })
             }
         };
         owned.last_active_ms = now_ms;
-        Some(owned)
+        Ok(owned)
+    }
+
+    /// The tenant's own limit on sessions per shard, if it has one.
+    fn session_quota(&self, tenant: &Text) -> Option<usize> {
+        self.tenant_session_quota.iter().find(|(id, _)| id.as_str() == tenant.as_str()).map(|&(_, max)| max)
     }
 
     /// A session epoch not used before: the shard's start epoch (time-based) counted up.
@@ -835,7 +857,9 @@ impl Shard {
             glommio::timer::Timer::new(every).await;
             let now_ms = self.now_us() / 1000;
             let mut dropped = Vec::new();
-            self.state.borrow_mut().sessions.retain(|key, owned| {
+            let mut state = self.state.borrow_mut();
+            let ShardState { sessions, tenant_sessions, .. } = &mut *state;
+            sessions.retain(|key, owned| {
                 let after_ms = if owned.ended { linger_ms } else { idle_ms };
                 let idle = after_ms > 0
                     && owned.interest == ShardSet::default()
@@ -843,9 +867,13 @@ impl Shard {
                     && owned.session.visible_seq() == owned.session.head_seq();
                 if idle {
                     dropped.push(key.conversation_id());
+                    if let Some(count) = tenant_sessions.get_mut(&key.tenant) {
+                        *count = count.saturating_sub(1);
+                    }
                 }
                 !idle
             });
+            drop(state);
             if dropped.is_empty() {
                 continue;
             }
@@ -865,9 +893,12 @@ impl Shard {
         let journal = mode.journal().zip(self.journal.as_ref());
         let timestamp_us = self.now_us();
         let mut state = self.state.borrow_mut();
-        let Some(owned) = self.session_mut(&mut state, key, timestamp_us / 1000) else {
-            drop(state);
-            return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message: "session limit of the shard reached" });
+        let owned = match self.session_mut(&mut state, key, timestamp_us / 1000) {
+            Ok(owned) => owned,
+            Err(message) => {
+                drop(state);
+                return self.reply(origin, Event::Failed { conn, correlation, code: ErrorCode::LimitExceeded, message });
+            }
         };
         let mut history = self.history.borrow_mut();
         let mut ticket = None;
@@ -1101,7 +1132,7 @@ impl Shard {
         let journal = self.durability_of(&key.tenant).journal().zip(self.journal.as_ref());
         let mut state = self.state.borrow_mut();
         let timestamp_us = self.now_us();
-        let Some(owned) = self.session_mut(&mut state, key, timestamp_us / 1000) else { return false };
+        let Ok(owned) = self.session_mut(&mut state, key, timestamp_us / 1000) else { return false };
         if let Frame::ConversationEvent(event) = &frame {
             owned.ended = matches!(event.kind, ConversationEventKind::Closed | ConversationEventKind::Abandoned);
         }
@@ -1295,10 +1326,12 @@ impl Shard {
 
     fn owner_subscribe(&self, origin: usize, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
         let mut state = self.state.borrow_mut();
-        let Some(owned) = self.session_mut(&mut state, &key, self.now_us() / 1000) else {
-            drop(state);
-            let (code, message) = (ErrorCode::LimitExceeded, "session limit of the shard reached");
-            return self.reply(origin, Event::SubscribeRefused { conn, correlation, key, code, message });
+        let owned = match self.session_mut(&mut state, &key, self.now_us() / 1000) {
+            Ok(owned) => owned,
+            Err(message) => {
+                drop(state);
+                return self.reply(origin, Event::SubscribeRefused { conn, correlation, key, code: ErrorCode::LimitExceeded, message });
+            }
         };
         owned.interest.insert(origin);
         let history = self.history.borrow();

@@ -31,14 +31,18 @@ fn token(kid: &str, secret: &str, tenant: &str, exp: u64) -> String {
 }
 
 fn engine(shards: usize) -> switchboard::EngineHandle {
+    common::start(config(shards))
+}
+
+fn config(shards: usize) -> switchboard::Config {
     let mut config = common::test_config(shards);
     let key = |kid: &str, secret: &str| TenantKeyConfig { kid: kid.into(), secret: secret.into() };
     config.tenants = vec![
-        TenantConfig { id: "acme".into(), keys: vec![key("acme-1", ACME_OLD), key("acme-2", ACME_NEW)], durability: None, desk: None, rate_limits: None },
-        TenantConfig { id: "globex".into(), keys: vec![key("globex-1", GLOBEX)], durability: None, desk: None, rate_limits: None },
+        TenantConfig { id: "acme".into(), keys: vec![key("acme-1", ACME_OLD), key("acme-2", ACME_NEW)], durability: None, desk: None, rate_limits: None, sessions_per_shard_max: None },
+        TenantConfig { id: "globex".into(), keys: vec![key("globex-1", GLOBEX)], durability: None, desk: None, rate_limits: None, sessions_per_shard_max: None },
     ];
     config.auth.leeway_s = 0;
-    common::start(config)
+    config
 }
 
 /// Sends HELLO with `token`; returns the WELCOME's tenant, or the ERROR after which the
@@ -135,5 +139,42 @@ fn a_token_that_never_expires_is_welcomed_and_the_engine_carries_on() {
     forever.subscribe("conv-forever", ResumeFrom::Live);
     let mut other = Raw::connect(engine.data_addr());
     assert_eq!(hello(&mut other, &token("globex-1", GLOBEX, "globex", now_s() + 3600)).unwrap(), "globex");
+    engine.shutdown();
+}
+
+/// A tenant with a session quota of its own gets ERROR(LimitExceeded) for one session more on
+/// a shard, by SUBSCRIBE or PUBLISH; its existing sessions and the other tenant carry on.
+#[test]
+fn a_tenant_quota_refuses_its_new_sessions_and_no_one_else_s() {
+    let mut config = config(1);
+    config.tenants[0].sessions_per_shard_max = Some(3);
+    let engine = common::start(config);
+    let addr = engine.data_addr();
+    let later = now_s() + 3600;
+    let mut acme = Raw::connect(addr);
+    hello(&mut acme, &token("acme-1", ACME_OLD, "acme", later)).unwrap();
+    for i in 0..3 {
+        acme.subscribe(&format!("conv-{i}"), ResumeFrom::Live);
+    }
+    let refused = |raw: &mut Raw, frame: Frame| {
+        let correlation = raw.send(&frame);
+        let reply = raw.recv();
+        assert_eq!(reply.correlation, correlation);
+        match reply.frame {
+            Frame::Error(error) => assert_eq!(ErrorCode::from_u16(error.code), ErrorCode::LimitExceeded, "{}", error.message),
+            other => panic!("expected ERROR(LimitExceeded), got {other:?}"),
+        }
+    };
+    refused(&mut acme, Frame::Subscribe(switchboard_protocol::Subscribe { session: "conv-3".into(), from: ResumeFrom::Live }));
+    refused(&mut acme, Raw::publish_frame("conv-4", "gw-1", 0, b"no room"));
+    let mut acme_pub = Raw::connect(addr);
+    hello(&mut acme_pub, &token("acme-1", ACME_OLD, "acme", later)).unwrap();
+    assert_eq!(acme_pub.publish("conv-1", 0, b"existing sessions work").seq, 1);
+    assert_eq!(acme.deliver().seq, 1);
+    let mut globex = Raw::connect(addr);
+    hello(&mut globex, &token("globex-1", GLOBEX, "globex", later)).unwrap();
+    for i in 0..5 {
+        globex.subscribe(&format!("conv-{i}"), ResumeFrom::Live);
+    }
     engine.shutdown();
 }

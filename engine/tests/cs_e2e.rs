@@ -40,8 +40,8 @@ fn config(shards: usize, desk: DeskConfig, rate_limits: Option<RateLimitsConfig>
     let mut config = common::test_config(shards);
     let key = |kid: &str, secret: &str| vec![TenantKeyConfig { kid: kid.into(), secret: secret.into() }];
     config.tenants = vec![
-        TenantConfig { id: "acme".into(), keys: key("acme-1", ACME), desk: Some(desk), rate_limits, durability: None },
-        TenantConfig { id: "globex".into(), keys: key("globex-1", GLOBEX), desk: None, rate_limits: None, durability: None },
+        TenantConfig { id: "acme".into(), keys: key("acme-1", ACME), desk: Some(desk), rate_limits, durability: None, sessions_per_shard_max: None },
+        TenantConfig { id: "globex".into(), keys: key("globex-1", GLOBEX), desk: None, rate_limits: None, durability: None, sessions_per_shard_max: None },
     ];
     config
 }

@@ -41,8 +41,8 @@ fn engine(shards: usize, acme: DeskConfig, globex: DeskConfig) -> switchboard::E
     let mut config = common::test_config(shards);
     let key = |kid: &str, secret: &str| vec![TenantKeyConfig { kid: kid.into(), secret: secret.into() }];
     config.tenants = vec![
-        TenantConfig { id: "acme".into(), keys: key("acme-1", ACME), desk: Some(acme), rate_limits: None, durability: None },
-        TenantConfig { id: "globex".into(), keys: key("globex-1", GLOBEX), desk: Some(globex), rate_limits: None, durability: None },
+        TenantConfig { id: "acme".into(), keys: key("acme-1", ACME), desk: Some(acme), rate_limits: None, durability: None, sessions_per_shard_max: None },
+        TenantConfig { id: "globex".into(), keys: key("globex-1", GLOBEX), desk: Some(globex), rate_limits: None, durability: None, sessions_per_shard_max: None },
     ];
     common::start(config)
 }
