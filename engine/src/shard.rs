@@ -810,19 +810,21 @@ impl Shard {
     /// sessions, or the session's tenant holds its own `sessions_per_shard_max` here.
     fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey, now_ms: u64) -> Result<&'a mut OwnedSession, &'static str> {
         let full = state.sessions.len() >= self.config.limits.sessions_per_shard_max;
-        let quota = self.session_quota(&key.tenant);
-        let tenant_full = quota.is_some_and(|max| state.tenant_sessions.get(&key.tenant).copied().unwrap_or(0) >= max);
-        let owned = match state.sessions.entry_ref(key) {
+        let ShardState { sessions, tenant_sessions, .. } = state;
+        let owned = match sessions.entry_ref(key) {
             hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
-            hashbrown::hash_map::EntryRef::Vacant(_) if full || tenant_full => {
-                self.count(|c| c.session_limit_refusals_total += 1);
-                return Err(if full { "session limit of the shard reached" } else { "the tenant's session limit on this shard reached" });
-            }
             hashbrown::hash_map::EntryRef::Vacant(entry) => {
-                let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
-                if quota.is_some() {
-                    *state.tenant_sessions.entry(key.tenant.clone()).or_default() += 1;
+                // Only a new session looks at quotas: the publish path stays one lookup.
+                let quota = self.session_quota(&key.tenant);
+                let tenant_full = quota.is_some_and(|max| tenant_sessions.get(&key.tenant).copied().unwrap_or(0) >= max);
+                if full || tenant_full {
+                    self.count(|c| c.session_limit_refusals_total += 1);
+                    return Err(if full { "session limit of the shard reached" } else { "the tenant's session limit on this shard reached" });
                 }
+                if quota.is_some() {
+                    *tenant_sessions.entry(key.tenant.clone()).or_default() += 1;
+                }
+                let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
                 entry.insert(OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false })
             }
         };
