@@ -178,3 +178,26 @@ fn a_tenant_quota_refuses_its_new_sessions_and_no_one_else_s() {
     }
     engine.shutdown();
 }
+
+/// A session dropped by the idle sweep gives its place in the tenant's quota back.
+#[test]
+fn an_idle_session_gives_its_place_in_the_tenant_quota_back() {
+    let mut config = config(1);
+    config.tenants[0].sessions_per_shard_max = Some(1);
+    config.limits.session_idle_ms = 100;
+    let engine = common::start(config);
+    let mut acme = Raw::connect(engine.data_addr());
+    hello(&mut acme, &token("acme-1", ACME_OLD, "acme", now_s() + 3600)).unwrap();
+    assert_eq!(acme.publish("first", 0, b"takes the only place").seq, 1);
+    let correlation = acme.send(&Raw::publish_frame("second", "gw-1", 0, b"no room yet"));
+    let reply = acme.recv();
+    assert_eq!(reply.correlation, correlation);
+    assert!(matches!(reply.frame, Frame::Error(ref e) if ErrorCode::from_u16(e.code) == ErrorCode::LimitExceeded), "{:?}", reply.frame);
+    let deadline = std::time::Instant::now() + common::EXPECT_TIMEOUT;
+    while common::metric_sum(&common::http_get(engine.control_addr(), "/metrics").1, "switchboard_sessions_dropped_idle_total") == 0 {
+        assert!(std::time::Instant::now() < deadline, "the idle session was never dropped");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(acme.publish("second", 0, b"room again").seq, 1);
+    engine.shutdown();
+}
