@@ -437,6 +437,11 @@ impl State {
             .filter(|c| c.in_use && c.gen == slot.gen)
     }
 
+    /// The connection, if it still takes new buffers (open, not closing or closed).
+    fn open_conn(&mut self, slot: ConnSlot) -> Result<&mut Conn, EnqueueError> {
+        self.conn(slot).filter(|c| c.state == ConnState::Open).ok_or(EnqueueError::Closed)
+    }
+
     fn mark_dirty(&mut self, index: u32) {
         let conn = &mut self.conns[index as usize];
         if !conn.dirty {
@@ -740,10 +745,7 @@ impl UringSender {
         let cfg = &self.inner.cfg;
         {
             let mut st = self.inner.state.borrow_mut();
-            let Some(conn) = st.conn(slot) else { return Err(EnqueueError::Closed) };
-            if conn.state != ConnState::Open {
-                return Err(EnqueueError::Closed);
-            }
+            let conn = st.open_conn(slot)?;
             let len = frame.len();
             let room = conn.tail.as_ref().is_some_and(|(lease, used)| used + len <= lease.capacity());
             // A frame that fits the tail adds bytes, not a buffer.
@@ -773,10 +775,7 @@ impl UringSender {
         let cfg = &self.inner.cfg;
         {
             let mut st = self.inner.state.borrow_mut();
-            let Some(conn) = st.conn(slot) else { return Err(EnqueueError::Closed) };
-            if conn.state != ConnState::Open {
-                return Err(EnqueueError::Closed);
-            }
+            let conn = st.open_conn(slot)?;
             let len = buf.len();
             if conn.over_limits(len, cfg) && !last {
                 st.stats.slow_consumer_total += 1;

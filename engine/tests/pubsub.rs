@@ -225,15 +225,10 @@ fn a_refused_subscribe_can_be_retried() {
     let addr = engine.data_addr();
     let mut client = Raw::handshake(addr);
     client.subscribe("first", ResumeFrom::Live);
-    let correlation = client.send(&Frame::Subscribe(switchboard_protocol::Subscribe { session: "second".into(), from: ResumeFrom::Live }));
-    let reply = client.recv();
-    assert_eq!(reply.correlation, correlation);
-    assert!(matches!(reply.frame, Frame::Error(ref e) if e.code == switchboard_protocol::ErrorCode::LimitExceeded.as_u16()), "{:?}", reply.frame);
+    let second = Frame::Subscribe(switchboard_protocol::Subscribe { session: "second".into(), from: ResumeFrom::Live });
+    client.refused(&second, switchboard_protocol::ErrorCode::LimitExceeded);
     // The same request again is refused for the same reason, not as "already subscribed".
-    let correlation = client.send(&Frame::Subscribe(switchboard_protocol::Subscribe { session: "second".into(), from: ResumeFrom::Live }));
-    let reply = client.recv();
-    assert_eq!(reply.correlation, correlation);
-    assert!(matches!(reply.frame, Frame::Error(ref e) if e.code == switchboard_protocol::ErrorCode::LimitExceeded.as_u16()), "{:?}", reply.frame);
+    client.refused(&second, switchboard_protocol::ErrorCode::LimitExceeded);
     engine.shutdown();
 }
 
@@ -277,11 +272,7 @@ fn an_idle_session_is_dropped_and_comes_back_in_a_new_epoch() {
     let mut watcher = Raw::handshake(engine.data_addr());
     watcher.subscribe("watched", ResumeFrom::Live);
     let watched = raw.publish("watched", 0, b"kept");
-    let deadline = std::time::Instant::now() + common::EXPECT_TIMEOUT;
-    while common::metric_sum(&common::http_get(engine.control_addr(), "/metrics").1, "switchboard_sessions_dropped_idle_total") == 0 {
-        assert!(std::time::Instant::now() < deadline, "the idle session was never dropped");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_for_metric(engine.control_addr(), "switchboard_sessions_dropped_idle_total", "the idle session was never dropped");
     let resumed = raw.subscribe("idle", ResumeFrom::After { epoch: first.epoch, seq: first.seq });
     assert!(!resumed.recovered, "{resumed:?}");
     assert_ne!(resumed.epoch, first.epoch);
@@ -304,11 +295,8 @@ fn read_cursors_are_pushed_when_they_move_and_bounded_per_session() {
     let mut gateway = Raw::handshake(addr);
     gateway.publish("cursors", 0, b"one");
     assert_eq!(subscriber.deliver().seq, 1);
-    let mut cursor = |gateway: &mut Raw, participant: String| {
-        let correlation = gateway.send(&Frame::ReadCursor(ReadCursor { session: "cursors".into(), participant: participant.as_str().into(), seq: 1 }));
-        let reply = gateway.recv();
-        assert_eq!(reply.correlation, correlation);
-        reply.frame
+    let cursor = |gateway: &mut Raw, participant: String| {
+        gateway.request(&Frame::ReadCursor(ReadCursor { session: "cursors".into(), participant: participant.as_str().into(), seq: 1 }))
     };
     assert!(matches!(cursor(&mut gateway, "p0".into()), Frame::Success(_)));
     assert!(matches!(subscriber.recv().frame, Frame::ReadCursor(ref c) if c.participant.as_str() == "p0" && c.seq == 1));

@@ -42,6 +42,19 @@ fn read_exactly(mut client: TcpStream, len: usize) -> JoinHandle<Vec<u8>> {
     })
 }
 
+/// `conns` connected pairs whose client sides are each read on a thread until they have the
+/// bytes `expected(conn)` names: (server sockets, readers, expected bytes per connection).
+fn streams(conns: usize, expected: impl Fn(u32) -> Vec<u8>) -> (Vec<TcpStream>, Vec<JoinHandle<Vec<u8>>>, Vec<Vec<u8>>) {
+    let (mut servers, mut readers, mut wants) = (Vec::new(), Vec::new(), Vec::new());
+    for (c, (server, client)) in pairs(conns).into_iter().enumerate() {
+        let want = expected(c as u32);
+        readers.push(read_exactly(client, want.len()));
+        wants.push(want);
+        servers.push(server);
+    }
+    (servers, readers, wants)
+}
+
 fn read_to_eof(mut client: TcpStream, eof: Arc<AtomicBool>) -> JoinHandle<Vec<u8>> {
     thread::spawn(move || {
         let mut buf = Vec::new();
@@ -129,15 +142,7 @@ fn plan_a(conn: u32, seq: u32) -> (bool, Vec<u8>) {
 fn a_ordering_and_completeness_8_conns_10k_frames() {
     const CONNS: u32 = 8;
     const FRAMES: u32 = 10_000;
-    let mut servers = Vec::new();
-    let mut readers = Vec::new();
-    let mut expected = Vec::new();
-    for (c, (server, client)) in pairs(CONNS as usize).into_iter().enumerate() {
-        let want: Vec<u8> = (0..FRAMES).flat_map(|s| plan_a(c as u32, s).1).collect();
-        readers.push(read_exactly(client, want.len()));
-        expected.push(want);
-        servers.push(server);
-    }
+    let (servers, readers, expected) = streams(CONNS as usize, |c| (0..FRAMES).flat_map(|s| plan_a(c, s).1).collect());
     let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
     on_glommio(move || async move {
         let pool = pool(&[(256, 4096)]);
@@ -367,21 +372,13 @@ fn d_peer_close_then_enqueue_returns_closed() {
 #[test]
 fn e_one_mib_buffers_short_writes_are_resumed() {
     const BIG: u32 = 12;
-    let mut servers = Vec::new();
-    let mut readers = Vec::new();
-    let mut expected = Vec::new();
     // Big shared frames interleaved with small per-connection ones.
     let plan = |c: u32, s: u32| -> Vec<u8> {
         let mut v = frame(SHARED, s, FRAME_BYTES_MAX);
         v.extend(frame(c, s, 40));
         v
     };
-    for (c, (server, client)) in pairs(2).into_iter().enumerate() {
-        let want: Vec<u8> = (0..BIG).flat_map(|s| plan(c as u32, s)).collect();
-        readers.push(read_exactly(client, want.len()));
-        expected.push(want);
-        servers.push(server);
-    }
+    let (servers, readers, expected) = streams(2, |c| (0..BIG).flat_map(|s| plan(c, s)).collect());
     on_glommio(move || async move {
         let pool = pool(&[(256, 16), (FRAME_BYTES_MAX, BIG as usize)]);
         let sender = UringSender::new(SenderConfig {
@@ -475,15 +472,7 @@ fn plan_g(conn: u32, seq: u32) -> (bool, Vec<u8>) {
 fn g_gathered_small_frames_keep_order_with_shared_buffers() {
     const CONNS: u32 = 4;
     const FRAMES: u32 = 20_000;
-    let mut servers = Vec::new();
-    let mut readers = Vec::new();
-    let mut expected = Vec::new();
-    for (c, (server, client)) in pairs(CONNS as usize).into_iter().enumerate() {
-        let want: Vec<u8> = (0..FRAMES).flat_map(|s| plan_g(c as u32, s).1).collect();
-        readers.push(read_exactly(client, want.len()));
-        expected.push(want);
-        servers.push(server);
-    }
+    let (servers, readers, expected) = streams(CONNS as usize, |c| (0..FRAMES).flat_map(|s| plan_g(c, s).1).collect());
     let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
     on_glommio(move || async move {
         // Few gathering buffers: some small frames find none and take the plain path, so the

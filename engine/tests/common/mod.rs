@@ -177,6 +177,22 @@ impl Raw {
         }
     }
 
+    /// Sends `frame` and returns the reply to it (the next frame must carry its correlation).
+    pub fn request(&mut self, frame: &Frame) -> Frame {
+        let correlation = self.send(frame);
+        let envelope = self.recv();
+        assert_eq!(envelope.correlation, correlation);
+        envelope.frame
+    }
+
+    /// Sends `frame` and asserts the reply is ERROR(`code`); the connection stays open.
+    pub fn refused(&mut self, frame: &Frame, code: switchboard_protocol::ErrorCode) {
+        match self.request(frame) {
+            Frame::Error(error) => assert_eq!(switchboard_protocol::ErrorCode::from_u16(error.code), code, "{}", error.message),
+            other => panic!("expected ERROR({code:?}), got {other:?}"),
+        }
+    }
+
     /// Next DELIVER (fails on anything else).
     pub fn deliver(&mut self) -> switchboard_protocol::Deliver {
         match self.recv().frame {
@@ -205,6 +221,16 @@ pub fn metric_sum(metrics: &str, name: &str) -> u64 {
         .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
+}
+
+/// Polls the control port until the metric `name` (summed over shards) is above zero; fails
+/// with `what` after [`EXPECT_TIMEOUT`].
+pub fn wait_for_metric(control: SocketAddr, name: &str, what: &str) {
+    let deadline = deadline();
+    while metric_sum(&http_get(control, "/metrics").1, name) == 0 {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub fn deadline() -> Instant {
