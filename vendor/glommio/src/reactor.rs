@@ -119,6 +119,12 @@ impl Timers {
         self.timers.insert((when, id), waker);
     }
 
+    /// Switchboard patch: when the next timer fires (absolute), so the reactor can tell a
+    /// sleep timer it armed earlier is still the right one.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers.keys().next().map(|(when, _)| *when)
+    }
+
     /// Return the duration until next event and the number of
     /// ready and woke timers.
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
@@ -206,7 +212,8 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        let ring_says = unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) };
+        ring_says || self.sys.soft_preempt_due()
     }
 
     pub(crate) fn id(&self) -> usize {
@@ -868,11 +875,12 @@ impl Reactor {
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
         // Process ready timers.
         let (next_timer, woke) = self.process_external_events();
+        let next_deadline = self.timers.borrow().next_deadline();
 
         // Block on I/O events.
         match self
             .sys
-            .wait(timeout, next_timer, woke, || self.process_shared_channels())
+            .wait(timeout, next_timer.zip(next_deadline), woke, || self.process_shared_channels())
         {
             // Don't wait for the next loop to process timers or shared channels
             Ok(true) => {

@@ -306,6 +306,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // Switchboard patch: pairs with the fence the sleeping reactor issues after
+        // `prepare_to_sleep` (it used `sys_membarrier()` there, which made this side free but
+        // cost a system call on every sleep). Whatever the caller queued for the sleeper
+        // before this call is visible to it, or it sees `should_notify` and is woken.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -1044,6 +1044,23 @@ impl SleepableRing {
         }
     }
 
+    /// Switchboard patch: sleep with the rings already linked by a poll that is still in
+    /// the kernel (see `Reactor::link_rings_and_sleep`).
+    fn sleep_linked(&mut self) -> io::Result<usize> {
+        assert_eq!(
+            self.waiting_kernel_submission(),
+            0,
+            "sleeping with pending SQEs"
+        );
+        self.ring
+            .cq()
+            .wait(1)
+            .map(|_| 1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
+    }
+
     fn sleep(&mut self, link: &Source) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
@@ -1215,6 +1232,15 @@ impl UringCommon for SleepableRing {
     }
 }
 
+/// Switchboard patch: why the latency ring's timer was armed, and when it fires.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum LatencyTimer {
+    /// A preemption timer for a busy executor.
+    Preempt(Instant),
+    /// Armed before sleeping, for the user timer due at this instant.
+    Sleep(Instant),
+}
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1222,7 +1248,14 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// Switchboard patch: what the timer in `latency_preemption_timeout_src` was armed for.
+    latency_timer_armed: Cell<Option<LatencyTimer>>,
+    /// Switchboard patch: when a busy executor without a preemption timer must yield.
+    soft_preempt_at: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    /// Switchboard patch: the poll linking the latency ring to the main ring, kept while the
+    /// kernel still holds it (see `link_rings_and_sleep`).
+    link_rings_src: RefCell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1353,7 +1386,10 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_armed: Cell::new(None),
+            soft_preempt_at: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            link_rings_src: RefCell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1725,7 +1761,42 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
+    /// Switchboard patch: whether the executor has been busy past the preemption deadline
+    /// it was given while no preemption timer is armed (see the end of `wait`).
+    #[inline(always)]
+    pub(crate) fn soft_preempt_due(&self) -> bool {
+        self.soft_preempt_at.get().is_some_and(|at| Instant::now() >= at)
+    }
+
+    /// Switchboard patch: whether the latency timer armed earlier (if any) may stay. While
+    /// busy (`preempt` is set) it may if it fires no later than a fresh preemption timer
+    /// would; before a sleep only a timer armed for exactly the next user timer may.
+    fn latency_timer_still_right(
+        &self,
+        preempt: Option<Duration>,
+        user_deadline: Option<Instant>,
+        now: Instant,
+    ) -> bool {
+        match (self.latency_timer_armed.get(), preempt) {
+            (None, _) => false,
+            (Some(LatencyTimer::Preempt(fires_at) | LatencyTimer::Sleep(fires_at)), Some(p)) => {
+                fires_at <= now + p
+            }
+            (Some(LatencyTimer::Sleep(deadline)), None) => user_deadline == Some(deadline),
+            (Some(LatencyTimer::Preempt(_)), None) => false,
+        }
+    }
+
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+        // Switchboard patch: the poll that links the latency ring to this one stays in the
+        // kernel until the latency ring has a completion. Sleeping again before that (the
+        // common case now that a pending sleep timer is kept) reuses it instead of adding a
+        // second poll on the same ring every time.
+        let mut link = self.link_rings_src.borrow_mut();
+        let linked = link.as_ref().is_some_and(|src| src.inner.borrow().enqueued.is_some());
+        if linked {
+            return ring.sleep_linked().or_else(Self::busy_ok).map(|_| {});
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1733,7 +1804,9 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let slept = ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {});
+        *link = Some(link_rings);
+        slept
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1797,7 +1870,7 @@ impl Reactor {
     pub(crate) fn wait<Preempt, F>(
         &self,
         preempt_timer: Preempt,
-        user_timer: Option<Duration>,
+        user_timer: Option<(Duration, Instant)>,
         mut woke: usize,
         process_remote_channels: F,
     ) -> io::Result<bool>
@@ -1817,10 +1890,13 @@ impl Reactor {
         // Switchboard patch: a busy executor comes through here once per loop iteration, and
         // cancelling and re-arming both preemption timers every time cost three
         // `io_uring_enter` calls per iteration (measured with strace on a shard serving
-        // 50 000 publishes/s). A timer that has not fired yet is kept instead: it fires no
-        // later than a fresh one would, so a task queue can only be preempted earlier, never
-        // later. When the executor may sleep (`preempt_timer()` is None) the latency timer
-        // is still cancelled, as before, so it cannot wake a sleeping executor.
+        // 50 000 publishes/s). A timer that has not fired yet is kept instead when it fires
+        // no later than a fresh one would: a task queue can only be preempted earlier, never
+        // later. Likewise an executor that sleeps again and again before the same user timer
+        // keeps the latency timer it armed for that timer (`LatencyTimer::Sleep`) instead of
+        // cancelling and re-arming it around every sleep (two more calls per sleep). A
+        // preemption timer is still cancelled before sleeping, so it cannot wake a sleeping
+        // executor.
         let pending = |cell: &Cell<Option<Source>>| {
             let source = cell.take();
             let keep = source.as_ref().is_some_and(|s| s.result().is_none());
@@ -1829,8 +1905,16 @@ impl Reactor {
             }
             keep
         };
-        if preempt_timer().is_none() || !pending(&self.latency_preemption_timeout_src) {
+        let now = Instant::now();
+        let user_deadline = user_timer.map(|(_, deadline)| deadline);
+        let keep_latency_timer = match preempt_timer() {
+            // Busy: a sleep timer stays too, the clock standing in for preemption (below).
+            Some(_) => true,
+            None => self.latency_timer_still_right(None, user_deadline, now),
+        };
+        if !keep_latency_timer || !pending(&self.latency_preemption_timeout_src) {
             drop(self.latency_preemption_timeout_src.take());
+            self.latency_timer_armed.set(None);
         }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
@@ -1863,10 +1947,15 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            if let Some((dur, deadline)) = user_timer {
+                // Switchboard patch: unless the timer armed for this deadline was kept above.
+                if self.latency_timer_armed.get() != Some(LatencyTimer::Sleep(deadline)) {
+                    drop(self.latency_preemption_timeout_src.take());
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                    self.latency_timer_armed.set(Some(LatencyTimer::Sleep(deadline)));
+                    assert!(flush_rings!(lat_ring)? > 0);
+                }
             }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
@@ -1874,9 +1963,12 @@ impl Reactor {
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // details. Switchboard patch: a full fence here pairs with the one in
+            // `SleepNotifier::notify` (Dekker: each side stores, fences, then loads what the
+            // other stored), where glommio used `sys_membarrier()` here and nothing there.
+            // Sleeps are frequent (thousands per second on a shard serving paced traffic) and
+            // remote notifications rare, so the fence belongs on the remote side.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
@@ -1892,14 +1984,25 @@ impl Reactor {
             }
         }
 
+        self.soft_preempt_at.set(None);
         if let Some(preempt) = preempt_timer() {
-            let armed = self.latency_preemption_timeout_src.take();
-            if armed.is_some() {
-                // Kept from an earlier iteration (see above): still pending.
-                self.latency_preemption_timeout_src.set(armed);
-            } else {
+            let now = Instant::now();
+            let keep = self.latency_timer_still_right(Some(preempt), user_deadline, now)
+                && pending(&self.latency_preemption_timeout_src);
+            let sleep_timer_pending = matches!(self.latency_timer_armed.get(), Some(LatencyTimer::Sleep(_)))
+                && pending(&self.latency_preemption_timeout_src);
+            if !keep && sleep_timer_pending {
+                // Switchboard patch: the executor woke with a sleep timer armed for a user
+                // timer further away than a preemption timer. Cancelling it for a preemption
+                // timer now and the other way round before the next sleep costs four system
+                // calls per wake-up, and most wake-ups are short. The executor checks the
+                // clock instead (`soft_preempt_due`) until it sleeps again.
+                self.soft_preempt_at.set(Some(now + preempt));
+            } else if !keep {
+                drop(self.latency_preemption_timeout_src.take());
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_timer_armed.set(Some(LatencyTimer::Preempt(now + preempt)));
                 flush_rings!(lat_ring, main_ring)?;
             }
         }
