@@ -669,6 +669,8 @@ pub struct RateLimitsConfig {
     pub connection_opens_per_s: u64,
     /// SUBSCRIBE frames per connection, per second.
     pub connection_subscribes_per_s: u64,
+    /// READ_CURSOR and TYPING frames per connection, per second.
+    pub connection_signals_per_s: u64,
     /// PUBLISH frames per tenant, per second.
     pub tenant_publishes_per_s: u64,
     /// PUBLISH payload bytes per tenant, per second.
@@ -677,6 +679,8 @@ pub struct RateLimitsConfig {
     pub tenant_opens_per_s: u64,
     /// SUBSCRIBE frames per tenant, per second.
     pub tenant_subscribes_per_s: u64,
+    /// READ_CURSOR and TYPING frames per tenant, per second.
+    pub tenant_signals_per_s: u64,
 }
 
 impl RateLimitsConfig {
@@ -687,10 +691,12 @@ impl RateLimitsConfig {
             self.connection_publish_bytes_per_s,
             self.connection_opens_per_s,
             self.connection_subscribes_per_s,
+            self.connection_signals_per_s,
             self.tenant_publishes_per_s,
             self.tenant_publish_bytes_per_s,
             self.tenant_opens_per_s,
             self.tenant_subscribes_per_s,
+            self.tenant_signals_per_s,
         ]
         .iter()
         .all(|&rate| rate == 0)
@@ -713,10 +719,12 @@ impl Default for RateLimitsConfig {
             connection_publish_bytes_per_s: 0,
             connection_opens_per_s: 0,
             connection_subscribes_per_s: 0,
+            connection_signals_per_s: 0,
             tenant_publishes_per_s: 0,
             tenant_publish_bytes_per_s: 0,
             tenant_opens_per_s: 0,
             tenant_subscribes_per_s: 0,
+            tenant_signals_per_s: 0,
         }
     }
 }

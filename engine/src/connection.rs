@@ -285,14 +285,22 @@ impl Reader {
                 if let Some(flow) = self.refuse_empty(correlation, &cursor.session) {
                     return flow;
                 }
-                if !self.speaks_as_self(correlation, &cursor.participant, "participant") || !self.may_watch(correlation, &cursor.session).await {
+                if !self.admit(correlation, Limited::Signals, 0)
+                    || !self.speaks_as_self(correlation, &cursor.participant, "participant")
+                    || !self.may_watch(correlation, &cursor.session).await
+                {
                     return Flow::Continue;
                 }
                 let key = self.key(&cursor.session);
                 shard.read_cursor(conn, correlation, key, cursor.participant, cursor.seq).await;
             }
             Frame::Typing(typing) => {
-                if !self.speaks_as_self(correlation, &typing.participant, "participant") || !self.may_watch(correlation, &typing.session).await {
+                // Over the rate a TYPING is dropped, unanswered: it never gets a reply, and the
+                // protocol lets the server drop it under load.
+                if shard.desk_rate_limit(conn, Limited::Signals, 0).is_err()
+                    || !self.speaks_as_self(correlation, &typing.participant, "participant")
+                    || !self.may_watch(correlation, &typing.session).await
+                {
                     return Flow::Continue;
                 }
                 let key = self.key(&typing.session);

@@ -68,6 +68,9 @@ pub enum Limited {
     Opens,
     /// SUBSCRIBE frames.
     Subscribes,
+    /// READ_CURSOR and TYPING frames (each may be pushed to every subscriber, and a read
+    /// cursor journaled).
+    Signals,
 }
 
 /// The buckets of one connection, or one shard's share of one tenant's.
@@ -77,6 +80,7 @@ pub struct RateBuckets {
     publish_bytes: TokenBucket,
     opens: TokenBucket,
     subscribes: TokenBucket,
+    signals: TokenBucket,
 }
 
 impl RateBuckets {
@@ -88,6 +92,7 @@ impl RateBuckets {
             publish_bytes: bucket(config.connection_publish_bytes_per_s),
             opens: bucket(config.connection_opens_per_s),
             subscribes: bucket(config.connection_subscribes_per_s),
+            signals: bucket(config.connection_signals_per_s),
         }
     }
 
@@ -100,12 +105,13 @@ impl RateBuckets {
             publish_bytes: bucket(config.tenant_publish_bytes_per_s),
             opens: bucket(config.tenant_opens_per_s),
             subscribes: bucket(config.tenant_subscribes_per_s),
+            signals: bucket(config.tenant_signals_per_s),
         }
     }
 
     /// True when no bucket limits anything (the default configuration).
     pub fn is_unlimited(&self) -> bool {
-        [self.publishes, self.publish_bytes, self.opens, self.subscribes].iter().all(TokenBucket::is_unlimited)
+        [self.publishes, self.publish_bytes, self.opens, self.subscribes, self.signals].iter().all(TokenBucket::is_unlimited)
     }
 
     /// Checks a PUBLISH of `bytes`: `Err` names the bucket that is empty; nothing is taken.
@@ -151,6 +157,20 @@ impl RateBuckets {
     /// Takes a SUBSCRIBE.
     pub fn take_subscribe(&mut self) {
         self.subscribes.take(1);
+    }
+
+    /// Checks a READ_CURSOR or TYPING; nothing is taken.
+    pub fn check_signal(&mut self, now_us: u64) -> Result<(), Limited> {
+        if self.signals.has(1, now_us) {
+            Ok(())
+        } else {
+            Err(Limited::Signals)
+        }
+    }
+
+    /// Takes a READ_CURSOR or TYPING.
+    pub fn take_signal(&mut self) {
+        self.signals.take(1);
     }
 }
 

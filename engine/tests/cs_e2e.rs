@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use switchboard::config::{DeskConfig, DeskPolicyConfig, QueueConfig, RateLimitsConfig, TenantConfig, TenantKeyConfig};
 use switchboard_protocol::{
     AgentPresence, AgentStatus, CloseConversation, ConversationEvent, ConversationEventKind as Kind, Envelope, ErrorCode, Frame, Hello,
-    OfferResponse, OpenConversation, Ping, ReadCursor, ResumeFrom, Subscribe, Subscribed, Text, Transfer, TransferKind, TransferTarget,
+    OfferResponse, OpenConversation, Ping, ReadCursor, ResumeFrom, Subscribe, Subscribed, Text, Transfer, TransferKind, TransferTarget, Typing,
 };
 
 const ACME: &str = "acme-secret-0123456789abcdef0123456789";
@@ -511,6 +511,44 @@ fn rate_limits_answer_rate_limited_and_the_connection_carries_on() {
     for n in 0..20u8 {
         globex.publish("chat", "cus-1", &[n]).unwrap();
     }
+    engine.shutdown();
+}
+
+#[test]
+fn read_cursors_and_typing_over_their_rate_are_refused_or_dropped_and_never_pushed() {
+    let limits = RateLimitsConfig { connection_signals_per_s: 3, ..RateLimitsConfig::default() };
+    let engine = engine(2, short_desk(), Some(limits));
+    let mut gateway = Client::connect(engine.data_addr(), "acme", "gateway", "gw-1");
+    let mut watcher = Client::connect(engine.data_addr(), "acme", "gateway", "gw-2");
+    // Ten messages, so that cursors 1..=10 all move (a cursor stops at the head).
+    for n in 0..10u8 {
+        gateway.publish("chat", "cus-1", &[n]).unwrap();
+    }
+    watcher.subscribe("chat", ResumeFrom::Live);
+    let cursor = |seq| Frame::ReadCursor(ReadCursor { session: "chat".into(), participant: "cus-1".into(), seq });
+    let mut accepted = Vec::new();
+    for seq in 1..=10 {
+        let correlation = gateway.send(&cursor(seq));
+        match gateway.answer(correlation) {
+            Ok(()) => accepted.push(seq),
+            Err((ErrorCode::RateLimited, message)) => assert!(message.contains("read cursors and typing"), "{message}"),
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!((3..=4).contains(&accepted.len()), "a burst of 3 (plus refill while sending): {accepted:?}");
+    // TYPING shares the (now empty) bucket: dropped, and never answered.
+    for _ in 0..5 {
+        gateway.send(&Frame::Typing(Typing { session: "chat".into(), participant: "cus-1".into(), active: true }));
+    }
+    assert!(gateway.drain().is_empty(), "a dropped TYPING is not answered");
+    // Publishes are not limited here. This one travels behind the cursors and the TYPINGs (same
+    // connection, same session), so once the watcher has it, it has had everything pushed before.
+    gateway.publish("chat", "cus-1", b"sync").unwrap();
+    watcher.wait_for("the sync message", |e| matches!(&e.frame, Frame::Deliver(d) if d.payload.as_ref() == b"sync").then_some(()));
+    let pushed: Vec<&Frame> = watcher.backlog.iter().map(|e| &e.frame).collect();
+    let cursors: Vec<u64> = pushed.iter().filter_map(|f| if let Frame::ReadCursor(c) = f { Some(c.seq) } else { None }).collect();
+    assert_eq!(cursors, accepted, "only accepted cursors are pushed: {pushed:?}");
+    assert!(!pushed.iter().any(|f| matches!(f, Frame::Typing(_))), "no TYPING over the rate is forwarded: {pushed:?}");
     engine.shutdown();
 }
 

@@ -199,12 +199,14 @@ impl Shard {
             Limited::Publishes | Limited::PublishBytes => buckets.check_publish(bytes, now_us),
             Limited::Opens => buckets.check_open(now_us),
             Limited::Subscribes => buckets.check_subscribe(now_us),
+            Limited::Signals => buckets.check_signal(now_us),
         };
         let message = |limited| match limited {
             Limited::Publishes => "rate limited: publishes per second",
             Limited::PublishBytes => "rate limited: publish bytes per second",
             Limited::Opens => "rate limited: conversations opened per second",
             Limited::Subscribes => "rate limited: subscribes per second",
+            Limited::Signals => "rate limited: read cursors and typing per second",
         };
         if let Err(limited) = check(&mut local.rates) {
             return Err(match limited {
@@ -212,6 +214,7 @@ impl Shard {
                 Limited::PublishBytes => "rate limited: publish bytes per second of this connection",
                 Limited::Opens => "rate limited: conversations opened per second of this connection",
                 Limited::Subscribes => "rate limited: subscribes per second of this connection",
+                Limited::Signals => "rate limited: read cursors and typing per second of this connection",
             });
         }
         if let Err(limited) = check(tenant) {
@@ -222,6 +225,7 @@ impl Shard {
                 Limited::Publishes | Limited::PublishBytes => buckets.take_publish(bytes),
                 Limited::Opens => buckets.take_open(),
                 Limited::Subscribes => buckets.take_subscribe(),
+                Limited::Signals => buckets.take_signal(),
             }
         }
         Ok(())
