@@ -855,9 +855,11 @@ impl UringCommon for PollRing {
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
         let source_map = &mut *self.source_map.borrow_mut();
-        let now = Instant::now();
 
         while let Some(chain) = peek_one_chain(queue, self.size) {
+            // Switchboard patch: the clock is read only when there is something to submit
+            // (every flush of every ring came through here, mostly with nothing to do).
+            let now = Instant::now();
             return if let Some(sqes) = self.ring.sq().prepare_sqes(chain.len() as u32) {
                 let ops = extract_one_chain(source_map, queue, chain, now);
                 if ops.is_empty() {
@@ -1204,9 +1206,11 @@ impl UringCommon for SleepableRing {
 
     fn submit_one_event(&mut self, queue: &mut VecDeque<UringDescriptor>) -> Option<bool> {
         let source_map = &mut *self.source_map.borrow_mut();
-        let now = Instant::now();
 
         while let Some(chain) = peek_one_chain(queue, self.size) {
+            // Switchboard patch: the clock is read only when there is something to submit
+            // (every flush of every ring came through here, mostly with nothing to do).
+            let now = Instant::now();
             return if let Some(sqes) = self.ring.sq().prepare_sqes(chain.len() as u32) {
                 let ops = extract_one_chain(source_map, queue, chain, now);
                 if ops.is_empty() {
@@ -1775,12 +1779,12 @@ impl Reactor {
         &self,
         preempt: Option<Duration>,
         user_deadline: Option<Instant>,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
     ) -> bool {
         match (self.latency_timer_armed.get(), preempt) {
             (None, _) => false,
             (Some(LatencyTimer::Preempt(fires_at) | LatencyTimer::Sleep(fires_at)), Some(p)) => {
-                fires_at <= now + p
+                fires_at <= now() + p
             }
             (Some(LatencyTimer::Sleep(deadline)), None) => user_deadline == Some(deadline),
             (Some(LatencyTimer::Preempt(_)), None) => false,
@@ -1905,12 +1909,11 @@ impl Reactor {
             }
             keep
         };
-        let now = Instant::now();
         let user_deadline = user_timer.map(|(_, deadline)| deadline);
         let keep_latency_timer = match preempt_timer() {
             // Busy: a sleep timer stays too, the clock standing in for preemption (below).
             Some(_) => true,
-            None => self.latency_timer_still_right(None, user_deadline, now),
+            None => self.latency_timer_still_right(None, user_deadline, Instant::now),
         };
         if !keep_latency_timer || !pending(&self.latency_preemption_timeout_src) {
             drop(self.latency_preemption_timeout_src.take());
@@ -1987,7 +1990,7 @@ impl Reactor {
         self.soft_preempt_at.set(None);
         if let Some(preempt) = preempt_timer() {
             let now = Instant::now();
-            let keep = self.latency_timer_still_right(Some(preempt), user_deadline, now)
+            let keep = self.latency_timer_still_right(Some(preempt), user_deadline, || now)
                 && pending(&self.latency_preemption_timeout_src);
             let sleep_timer_pending = matches!(self.latency_timer_armed.get(), Some(LatencyTimer::Sleep(_)))
                 && pending(&self.latency_preemption_timeout_src);
