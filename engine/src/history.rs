@@ -2,8 +2,8 @@
 //! shard, where sessions find their recent messages for resume and idempotency checks.
 //!
 //! Owns: one anonymous memory mapping (memmap2) used as a byte ring, and its write position.
-//! May not touch: sessions (they keep [`LogSpan`]s into it, see `session.rs`), sockets, the
-//! journal.
+//! May not touch: sessions (they write their history entries into it as plain bytes and keep
+//! [`LogSpan`]s, see `session.rs`), sockets, the journal.
 //!
 //! Why one ring per shard rather than a heap buffer per message: a publish then costs no
 //! allocation, and forgetting a session's oldest message costs nothing at all — no free, no
@@ -38,10 +38,10 @@ const CACHE_LINE_BYTES: u64 = 64;
 
 /// Asks the CPU to bring the cache line at `ptr` close, for a write that comes soon. Every
 /// publish writes to memory last touched long ago (the ring position a full ring of traffic
-/// ago, the oldest slot of the session's index): without the hint the store waits for the
-/// line; with it the line is fetched while other work goes on. Only a hint: never faults.
+/// ago): without the hint the store waits for the line; with it the line is fetched while
+/// other work goes on. Only a hint: never faults.
 #[inline(always)]
-pub fn prefetch(ptr: *const u8) {
+fn prefetch(ptr: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint and never faults, whatever the address.
     unsafe {

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use switchboard_protocol::{ResumeFrom, Text};
 
-use crate::history::{prefetch, HistoryLog, LogSpan};
+use crate::history::{HistoryLog, LogSpan};
 
 /// A message handed to [`Session::restored`]: read back from the journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub struct Session {
     visible_seq: u64,
     /// The newest messages, oldest first, seqs increasing; the oldest may have been
     /// overwritten in the log (they are skipped as if evicted).
-    history: EntryRing,
+    history: EntryChain,
     /// The largest `client_msg_id` ever appended: a larger one cannot be a repeat, so the
     /// usual strictly increasing ids skip the scan of the window.
     client_msg_id_max: u64,
@@ -116,7 +116,7 @@ pub struct Session {
 impl Session {
     /// A new, empty session in `epoch`.
     pub fn new(epoch: u64, history_messages_max: usize) -> Session {
-        Session { epoch, head_seq: 0, visible_seq: 0, history: EntryRing::new(history_messages_max), client_msg_id_max: 0, read_cursors: None }
+        Session { epoch, head_seq: 0, visible_seq: 0, history: EntryChain::new(history_messages_max), client_msg_id_max: 0, read_cursors: None }
     }
 
     /// A session rebuilt from the journal at start: `messages` are its newest, oldest first,
@@ -126,20 +126,21 @@ impl Session {
     /// from before it is told `recovered = false` rather than replayed across the gap.
     pub fn restored(epoch: u64, history_messages_max: usize, head_seq: u64, messages: Vec<StoredMessage>, log: &mut HistoryLog) -> Session {
         let skip = messages.len().saturating_sub(history_messages_max);
-        let mut history = EntryRing::new(history_messages_max);
+        let mut history = EntryChain::new(history_messages_max);
         let mut client_msg_id_max = 0;
         let mut previous_seq = None;
         for message in messages.into_iter().skip(skip) {
             client_msg_id_max = client_msg_id_max.max(message.client_msg_id);
             let follows = previous_seq.is_none_or(|previous: u64| message.seq == previous + 1);
             previous_seq = Some(message.seq);
-            match log.append(&message.frame) {
-                Some(span) if follows => history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at)),
-                Some(span) => {
-                    history = EntryRing::new(history_messages_max);
-                    history.push(HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at));
-                }
-                None => history = EntryRing::new(history_messages_max),
+            if !follows {
+                history = EntryChain::new(history_messages_max);
+            }
+            let appended = log.append(&message.frame).is_some_and(|span| {
+                history.push(log, HistoryEntry::new(message.seq, message.client_msg_id, span, message.sender_at))
+            });
+            if !appended {
+                history = EntryChain::new(history_messages_max);
             }
         }
         Session { epoch, head_seq, visible_seq: head_seq, history, client_msg_id_max, read_cursors: None }
@@ -157,9 +158,9 @@ impl Session {
 
     /// Forgets the messages not yet visible (the journal refused them): their seqs are
     /// assigned again, since no one saw or was acknowledged them.
-    pub fn roll_back_invisible(&mut self) {
-        while self.history.back().is_some_and(|message| message.seq > self.visible_seq) {
-            self.history.pop_back();
+    pub fn roll_back_invisible(&mut self, log: &HistoryLog) {
+        while self.history.back(log).is_some_and(|message| message.seq > self.visible_seq) {
+            self.history.pop_back(log);
         }
         self.head_seq = self.visible_seq;
     }
@@ -174,15 +175,9 @@ impl Session {
         self.head_seq
     }
 
-    /// Index in `history` of the oldest message whose frame is still in the log. Frames are
-    /// written in seq order, so the overwritten ones are a prefix.
-    fn first_intact(&self, log: &HistoryLog) -> usize {
-        self.history.partition_point(|message| !log.intact(message.span()))
-    }
-
     /// The oldest seq still in history (and in the log), if any.
     pub fn oldest_seq(&self, log: &HistoryLog) -> Option<u64> {
-        self.history.get(self.first_intact(log)).map(|message| message.seq)
+        self.history.iter_rev(log).last().map(|message| message.seq)
     }
 
     /// Appends a message unless (sender, client_msg_id) is already in the window.
@@ -201,11 +196,8 @@ impl Session {
         encode: EncodeDeliver<'_, E>,
     ) -> Result<PublishOutcome, E> {
         if client_msg_id != 0 && client_msg_id <= self.client_msg_id_max {
-            for message in self.history.iter_rev() {
-                if !log.intact(message.span()) {
-                    // Overwritten in the log, and everything older with it: out of the window.
-                    break;
-                }
+            // Only what is still in the log: an overwritten message is out of the window.
+            for message in self.history.iter_rev(log) {
                 if message.client_msg_id == client_msg_id && message.sender(log) == Some(sender.as_bytes()) {
                     return Ok(PublishOutcome::Duplicate(message.seq));
                 }
@@ -218,14 +210,16 @@ impl Session {
         if visible {
             self.visible_seq = seq;
         }
-        self.history.push(HistoryEntry::new(seq, client_msg_id, span, sender_at));
+        // The log holds at least four of the largest frames, so a header always fits.
+        let pushed = self.history.push(log, HistoryEntry::new(seq, client_msg_id, span, sender_at));
+        debug_assert!(pushed, "the log refused a history entry header");
         Ok(PublishOutcome::Appended(seq))
     }
 
     /// The frame of the message just appended (after [`Session::publish`] returned
     /// `Appended`), or `None` if the log no longer holds it.
     pub fn last_frame<'a>(&self, log: &'a HistoryLog) -> Option<&'a [u8]> {
-        log.get(self.history.back()?.span())
+        log.get(self.history.back(log)?.span())
     }
 
     /// Decides what a subscription starting at `from` replays and whether that is complete.
@@ -252,9 +246,10 @@ impl Session {
 
     /// Frames of the visible messages with seq >= `from_seq`, oldest first.
     pub fn replay<'a>(&'a self, from_seq: u64, log: &'a HistoryLog) -> impl Iterator<Item = &'a [u8]> + 'a {
-        let start = self.first_intact(log).max(self.history.partition_point(|message| message.seq < from_seq));
+        // Collected newest first (the chain's direction), then handed out oldest first.
+        let wanted: Vec<HistoryEntry> = self.history.iter_rev(log).take_while(|message| message.seq >= from_seq).collect();
         let visible = self.visible_seq;
-        self.history.iter_from(start).take_while(move |message| message.seq <= visible).map_while(|message| log.get(message.span()))
+        wanted.into_iter().rev().take_while(move |message| message.seq <= visible).map_while(|message| log.get(message.span()))
     }
 
     /// The read cursors, for the journal.
@@ -289,77 +284,98 @@ pub const READ_CURSORS_MAX: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CursorsFull;
 
-/// A session's newest history entries, oldest first: a vector that grows up to the session's
-/// limit and then overwrites its oldest entry in place. Unlike a deque's pop-then-push, the
-/// one write per publish goes to a slot warmed at the previous publish (see `push`).
+/// A session's newest history entries, kept in the shard's log itself: each entry is written
+/// there as a small header right after its frame, pointing to the session's previous entry;
+/// the session holds only where its newest header is and how many entries count.
+///
+/// Why not an array per session: a publish then writes one entry into its session's array,
+/// a different cold cache line (and 4 KiB page) for almost every publish once 1000 sessions
+/// each own 128 slots, and that store was the engine's top user-space cost at paced traffic
+/// (bench/RESULTS.md, session 5). The log's head, where the frame was just written, is hot.
+/// Reading history (a resume, a duplicate check) walks the chain back instead, which is rare.
+/// Entries whose header or frame the log has overwritten end the chain: older ones are gone
+/// too, since the log is written in order.
 #[derive(Debug)]
-struct EntryRing {
-    entries: Vec<HistoryEntry>,
-    /// Index of the oldest entry; non-zero only once the ring is full.
-    first: u32,
-    /// The session's `history_messages_max` (kept here, where it packs with `first`).
+struct EntryChain {
+    /// Log position of the newest entry's header (meaningless while `len` is 0).
+    newest: u64,
+    /// Entries that count (at most `max`); the chain may go further back in the log.
+    len: u32,
+    /// The session's `history_messages_max`.
     max: u32,
 }
 
-impl EntryRing {
-    fn new(max: usize) -> EntryRing {
-        EntryRing { entries: Vec::new(), first: 0, max: u32::try_from(max).unwrap_or(u32::MAX) }
+/// Bytes of an entry's header in the log: previous header's position, seq, client_msg_id,
+/// frame position (u64 each), frame length (u32), sender offset (u16), sender length (u8).
+const ENTRY_HEADER_BYTES: usize = 8 + 8 + 8 + 8 + 4 + 2 + 1;
+
+impl EntryChain {
+    fn new(max: usize) -> EntryChain {
+        EntryChain { newest: 0, len: 0, max: u32::try_from(max).unwrap_or(u32::MAX) }
     }
 
-    /// The `index`th oldest entry.
-    fn get(&self, index: usize) -> Option<&HistoryEntry> {
-        let len = self.entries.len();
-        (index < len).then(|| &self.entries[(self.first as usize + index) % len])
+    /// Appends `entry` (its frame already in `log`), forgetting the oldest once `max` count.
+    /// Returns false (history unchanged) only if the log cannot hold a header at all.
+    fn push(&mut self, log: &mut HistoryLog, entry: HistoryEntry) -> bool {
+        let previous = self.newest;
+        let Some((span, dst)) = log.reserve(ENTRY_HEADER_BYTES) else { return false };
+        dst[0..8].copy_from_slice(&previous.to_le_bytes());
+        dst[8..16].copy_from_slice(&entry.seq.to_le_bytes());
+        dst[16..24].copy_from_slice(&entry.client_msg_id.to_le_bytes());
+        dst[24..32].copy_from_slice(&entry.pos.to_le_bytes());
+        dst[32..36].copy_from_slice(&entry.len.to_le_bytes());
+        dst[36..38].copy_from_slice(&entry.sender_offset.to_le_bytes());
+        dst[38] = entry.sender_len;
+        self.newest = span.pos;
+        self.len = (self.len + 1).min(self.max);
+        true
     }
 
-    fn back(&self) -> Option<&HistoryEntry> {
-        self.get(self.entries.len().checked_sub(1)?)
+    /// The entry whose header is at `pos`, and where the previous one's is; None once the log
+    /// has overwritten the header or the frame.
+    fn read(log: &HistoryLog, pos: u64) -> Option<(HistoryEntry, u64)> {
+        let header = log.get(LogSpan { pos, len: ENTRY_HEADER_BYTES as u32 })?;
+        let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let entry = HistoryEntry {
+            seq: u64_at(8),
+            client_msg_id: u64_at(16),
+            pos: u64_at(24),
+            len: u32::from_le_bytes(header[32..36].try_into().expect("4 bytes")),
+            sender_offset: u16::from_le_bytes(header[36..38].try_into().expect("2 bytes")),
+            sender_len: header[38],
+        };
+        log.intact(entry.span()).then_some((entry, u64_at(0)))
     }
 
-    /// Appends, overwriting the oldest entry once `max` are held.
-    fn push(&mut self, entry: HistoryEntry) {
-        if self.entries.len() < self.max as usize {
-            self.entries.push(entry);
-            return;
-        }
-        let Some(slot) = self.entries.get_mut(self.first as usize) else { return };
-        *slot = entry;
-        let next = (self.first as usize + 1) % self.entries.len();
-        self.first = next as u32;
-        // The next push writes here: fetch it now, while it is cheap to wait for.
-        prefetch((&raw const self.entries[next]).cast());
+    /// The newest entry, if it is still in the log.
+    fn back(&self, log: &HistoryLog) -> Option<HistoryEntry> {
+        (self.len > 0).then(|| Self::read(log, self.newest)).flatten().map(|(entry, _)| entry)
     }
 
-    fn pop_back(&mut self) -> Option<HistoryEntry> {
-        // Rare (a journal refusal): unroll the ring so the newest entry is last.
-        self.entries.rotate_left(self.first as usize);
-        self.first = 0;
-        self.entries.pop()
-    }
-
-    /// Entries from the `start`th oldest on, oldest first.
-    fn iter_from(&self, start: usize) -> impl Iterator<Item = &HistoryEntry> {
-        (start..self.entries.len()).filter_map(|index| self.get(index))
-    }
-
-    /// Entries newest first.
-    fn iter_rev(&self) -> impl Iterator<Item = &HistoryEntry> {
-        (0..self.entries.len()).rev().filter_map(|index| self.get(index))
-    }
-
-    /// The number of leading (oldest) entries for which `pred` holds; `pred` must hold for a
-    /// prefix only.
-    fn partition_point(&self, pred: impl Fn(&HistoryEntry) -> bool) -> usize {
-        let (mut low, mut high) = (0, self.entries.len());
-        while low < high {
-            let mid = low + (high - low) / 2;
-            if self.get(mid).is_some_and(&pred) {
-                low = mid + 1;
-            } else {
-                high = mid;
+    /// Forgets the newest entry (a journal refusal). History ends if its header is gone.
+    fn pop_back(&mut self, log: &HistoryLog) {
+        match (self.len > 0).then(|| Self::read(log, self.newest)).flatten() {
+            Some((_, previous)) => {
+                self.newest = previous;
+                self.len -= 1;
             }
+            None => self.len = 0,
         }
-        low
+    }
+
+    /// The entries still in the log, newest first.
+    fn iter_rev<'a>(&self, log: &'a HistoryLog) -> impl Iterator<Item = HistoryEntry> + 'a {
+        let mut next = (self.len > 0).then_some(self.newest);
+        let mut left = self.len;
+        std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let (entry, previous) = Self::read(log, next?)?;
+            left -= 1;
+            next = Some(previous);
+            Some(entry)
+        })
     }
 }
 
@@ -404,6 +420,21 @@ mod tests {
     }
 
     #[test]
+    fn sessions_sharing_a_log_each_replay_only_their_own_messages() {
+        let mut log = HistoryLog::new(1 << 16).unwrap();
+        let (mut alice, mut bob) = (Session::new(7, 3), Session::new(7, 8));
+        for _ in 0..5 {
+            publish(&mut alice, &mut log, "alice", 0);
+            publish(&mut bob, &mut log, "bob", 0);
+            publish(&mut bob, &mut log, "bob", 0);
+        }
+        assert_eq!(seqs(&alice, 0, &log), ["alice|7|3", "alice|7|4", "alice|7|5"]);
+        assert_eq!(seqs(&bob, 7, &log), ["bob|7|7", "bob|7|8", "bob|7|9", "bob|7|10"]);
+        assert_eq!((alice.oldest_seq(&log), bob.oldest_seq(&log)), (Some(3), Some(3)));
+        assert_eq!(bob.last_frame(&log), Some(&b"bob|7|10"[..]));
+    }
+
+    #[test]
     fn duplicate_client_msg_id_returns_the_original_seq() {
         let mut log = HistoryLog::new(1 << 16).unwrap();
         let mut session = Session::new(1, 8);
@@ -443,8 +474,9 @@ mod tests {
 
     #[test]
     fn messages_overwritten_in_the_log_leave_history_and_the_idempotency_window() {
-        // Room for about four 9-byte frames: the ring, not the message count, is the limit.
-        let mut log = HistoryLog::new(40).unwrap();
+        // Room for about four messages (a 9-byte frame and its entry header each): the ring,
+        // not the message count, is the limit.
+        let mut log = HistoryLog::new(4 * (9 + ENTRY_HEADER_BYTES) + 8).unwrap();
         let mut session = Session::new(7, 100);
         for id in 1..=6 {
             publish(&mut session, &mut log, "alice", id);
@@ -505,7 +537,7 @@ mod tests {
         assert_eq!(session.head_seq(), 2);
         session.publish(&mut log, "alice", 0, false, &mut encoder("alice")).unwrap();
         session.publish(&mut log, "alice", 0, false, &mut encoder("alice")).unwrap();
-        session.roll_back_invisible();
+        session.roll_back_invisible(&log);
         assert_eq!((session.head_seq(), session.visible_seq()), (2, 2));
         assert_eq!(publish(&mut session, &mut log, "alice", 0), PublishOutcome::Appended(3));
         assert_eq!(seqs(&session, 0, &log), ["alice|7|1", "alice|7|2", "alice|7|3"]);

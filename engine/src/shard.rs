@@ -1045,7 +1045,7 @@ impl Shard {
         };
         if !visible {
             // Nobody saw these or was acknowledged them: their seqs are free again.
-            owned.session.roll_back_invisible();
+            owned.session.roll_back_invisible(&self.history.borrow());
             drop(state);
             self.count(|c| c.journal_refusals_total += 1);
             if event {
