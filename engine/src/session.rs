@@ -102,8 +102,8 @@ pub struct Session {
     head_seq: u64,
     /// Every message up to here is acknowledged and may be delivered.
     visible_seq: u64,
-    /// The newest messages, oldest first, seqs increasing; the oldest may have been
-    /// overwritten in the log (they are skipped as if evicted).
+    /// The newest messages, chained newest to oldest through the log; those the log has
+    /// overwritten are skipped as if evicted.
     history: EntryChain,
     /// The largest `client_msg_id` ever appended: a larger one cannot be a repeat, so the
     /// usual strictly increasing ids skip the scan of the window.
