@@ -1846,9 +1846,16 @@ impl Reactor {
             None,
             None,
         );
-        let slept = ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {});
-        *link = Some(link_rings);
-        slept
+        let slept = ring.sleep(&link_rings);
+        // EBUSY: the poll could not be submitted and was turned into a NOP whose completion
+        // nobody consumes; kept, it would look linked forever and later sleeps would have
+        // nothing to wake them for timers or remote notifications. Kept only when submitted
+        // (or never queued at all, which `linked` above also reads as not linked).
+        let submitted = !matches!(&slept, Err(error) if error.raw_os_error() == Some(libc::EBUSY));
+        if submitted {
+            *link = Some(link_rings);
+        }
+        slept.or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1988,12 +1995,19 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some((dur, deadline)) = user_timer {
-                // Switchboard patch: unless the timer armed for this deadline was kept above.
-                if self.latency_timer_armed.get() != Some(LatencyTimer::Sleep(deadline)) {
+            if let Some((_, deadline)) = user_timer {
+                // Switchboard patch: unless the timer armed for this deadline was kept above and
+                // is still in the kernel (it may have fired, and been consumed, since that
+                // check). Armed for the time left until the deadline, not the duration computed
+                // before this call: a timer that already fired re-arms at zero and wakes the
+                // executor at once, so the user timer it stood for is never slept past.
+                let kept = self.latency_timer_armed.get() == Some(LatencyTimer::Sleep(deadline))
+                    && pending(&self.latency_preemption_timeout_src);
+                if !kept {
                     drop(self.latency_preemption_timeout_src.take());
+                    let left = deadline.saturating_duration_since(Instant::now());
                     self.latency_preemption_timeout_src
-                        .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(left)));
                     self.latency_timer_armed.set(Some(LatencyTimer::Sleep(deadline)));
                     assert!(flush_rings!(lat_ring)? > 0);
                 }
