@@ -114,63 +114,32 @@ impl RateBuckets {
         [self.publishes, self.publish_bytes, self.opens, self.subscribes, self.signals].iter().all(TokenBucket::is_unlimited)
     }
 
-    /// Checks a PUBLISH of `bytes`: `Err` names the bucket that is empty; nothing is taken.
-    pub fn check_publish(&mut self, bytes: u64, now_us: u64) -> Result<(), Limited> {
-        if !self.publishes.has(1, now_us) {
-            return Err(Limited::Publishes);
-        }
-        if !self.publish_bytes.has(bytes, now_us) {
-            return Err(Limited::PublishBytes);
-        }
-        Ok(())
-    }
-
-    /// Takes a PUBLISH of `bytes`.
-    pub fn take_publish(&mut self, bytes: u64) {
-        self.publishes.take(1);
-        self.publish_bytes.take(bytes);
-    }
-
-    /// Checks an `OPEN_CONVERSATION`; nothing is taken.
-    pub fn check_open(&mut self, now_us: u64) -> Result<(), Limited> {
-        if self.opens.has(1, now_us) {
-            Ok(())
-        } else {
-            Err(Limited::Opens)
+    /// Checks a request of kind `what` (`bytes` counts for a PUBLISH only): `Err` names the
+    /// bucket that is empty; nothing is taken.
+    pub fn check(&mut self, what: Limited, bytes: u64, now_us: u64) -> Result<(), Limited> {
+        let has = |bucket: &mut TokenBucket, tokens: u64, limited: Limited| if bucket.has(tokens, now_us) { Ok(()) } else { Err(limited) };
+        match what {
+            Limited::Publishes | Limited::PublishBytes => {
+                has(&mut self.publishes, 1, Limited::Publishes)?;
+                has(&mut self.publish_bytes, bytes, Limited::PublishBytes)
+            }
+            Limited::Opens => has(&mut self.opens, 1, Limited::Opens),
+            Limited::Subscribes => has(&mut self.subscribes, 1, Limited::Subscribes),
+            Limited::Signals => has(&mut self.signals, 1, Limited::Signals),
         }
     }
 
-    /// Takes an `OPEN_CONVERSATION`.
-    pub fn take_open(&mut self) {
-        self.opens.take(1);
-    }
-
-    /// Checks a SUBSCRIBE; nothing is taken.
-    pub fn check_subscribe(&mut self, now_us: u64) -> Result<(), Limited> {
-        if self.subscribes.has(1, now_us) {
-            Ok(())
-        } else {
-            Err(Limited::Subscribes)
+    /// Takes a request of kind `what` (call after [`RateBuckets::check`] said yes).
+    pub fn take(&mut self, what: Limited, bytes: u64) {
+        match what {
+            Limited::Publishes | Limited::PublishBytes => {
+                self.publishes.take(1);
+                self.publish_bytes.take(bytes);
+            }
+            Limited::Opens => self.opens.take(1),
+            Limited::Subscribes => self.subscribes.take(1),
+            Limited::Signals => self.signals.take(1),
         }
-    }
-
-    /// Takes a SUBSCRIBE.
-    pub fn take_subscribe(&mut self) {
-        self.subscribes.take(1);
-    }
-
-    /// Checks a READ_CURSOR or TYPING; nothing is taken.
-    pub fn check_signal(&mut self, now_us: u64) -> Result<(), Limited> {
-        if self.signals.has(1, now_us) {
-            Ok(())
-        } else {
-            Err(Limited::Signals)
-        }
-    }
-
-    /// Takes a READ_CURSOR or TYPING.
-    pub fn take_signal(&mut self) {
-        self.signals.take(1);
     }
 }
 
@@ -211,10 +180,10 @@ mod tests {
         let config = RateLimitsConfig { tenant_opens_per_s: 30, connection_opens_per_s: 0, ..RateLimitsConfig::default() };
         let mut share = RateBuckets::for_tenant_share(&config, 3, 0);
         for _ in 0..10 {
-            assert!(share.check_open(0).is_ok());
-            share.take_open();
+            assert!(share.check(Limited::Opens, 0, 0).is_ok());
+            share.take(Limited::Opens, 0);
         }
-        assert_eq!(share.check_open(0), Err(Limited::Opens));
+        assert_eq!(share.check(Limited::Opens, 0, 0), Err(Limited::Opens));
         assert!(RateBuckets::for_connection(&config, 0).is_unlimited());
     }
 }

@@ -195,12 +195,6 @@ impl Shard {
         let Some(local) = conns.get_mut(&conn) else { return Ok(()) };
         let mut tenants = self.desk.tenant_rates.borrow_mut();
         let Some(tenant) = tenants.get_mut(&local.identity.tenant) else { return Ok(()) };
-        let check = |buckets: &mut RateBuckets| match what {
-            Limited::Publishes | Limited::PublishBytes => buckets.check_publish(bytes, now_us),
-            Limited::Opens => buckets.check_open(now_us),
-            Limited::Subscribes => buckets.check_subscribe(now_us),
-            Limited::Signals => buckets.check_signal(now_us),
-        };
         let message = |limited| match limited {
             Limited::Publishes => "rate limited: publishes per second",
             Limited::PublishBytes => "rate limited: publish bytes per second",
@@ -208,7 +202,7 @@ impl Shard {
             Limited::Subscribes => "rate limited: subscribes per second",
             Limited::Signals => "rate limited: read cursors and typing per second",
         };
-        if let Err(limited) = check(&mut local.rates) {
+        if let Err(limited) = local.rates.check(what, bytes, now_us) {
             return Err(match limited {
                 Limited::Publishes => "rate limited: publishes per second of this connection",
                 Limited::PublishBytes => "rate limited: publish bytes per second of this connection",
@@ -217,16 +211,11 @@ impl Shard {
                 Limited::Signals => "rate limited: read cursors and typing per second of this connection",
             });
         }
-        if let Err(limited) = check(tenant) {
+        if let Err(limited) = tenant.check(what, bytes, now_us) {
             return Err(message(limited));
         }
         for buckets in [&mut local.rates, tenant] {
-            match what {
-                Limited::Publishes | Limited::PublishBytes => buckets.take_publish(bytes),
-                Limited::Opens => buckets.take_open(),
-                Limited::Subscribes => buckets.take_subscribe(),
-                Limited::Signals => buckets.take_signal(),
-            }
+            buckets.take(what, bytes);
         }
         Ok(())
     }
