@@ -164,6 +164,7 @@ pub fn render(snapshots: &[ShardSnapshot], desks: &[DeskMetrics]) -> String {
 
     b.counter("uring_submits", "io_uring_enter calls that submitted sends", c(|s| s.sender.submits_total));
     b.counter("uring_sqes", "Send operations submitted", c(|s| s.sender.sqes_total));
+    b.counter("uring_fixed_sends", "Sends issued as WRITEV_FIXED from the registered buffer pool", c(|s| s.sender.fixed_sends_total));
     b.counter("uring_completions", "Completions reaped", c(|s| s.sender.completions_total));
     b.counter("uring_short_writes", "Sends that wrote part of their buffers", c(|s| s.sender.short_writes_total));
     b.counter("uring_eagain", "Sends that found the socket full", c(|s| s.sender.eagain_total));

@@ -261,6 +261,12 @@ fn check_config(cfg: &PoolConfig) -> Result<(), PoolError> {
 }
 
 impl BufferPool {
+    /// Each class's mapping as (start, bytes), in class order: what an `io_uring` registers as
+    /// fixed buffers (buffer index = [`Lease::class`]). Valid while the pool lives.
+    pub fn regions(&self) -> Vec<(*const u8, usize)> {
+        self.inner.classes.iter().map(|c| (c.base.as_ptr().cast_const(), c.slot_bytes * c.slots as usize)).collect()
+    }
+
     /// Maps, optionally locks and prefaults every class. This is the only place the pool
     /// allocates.
     pub fn new(cfg: &PoolConfig) -> Result<BufferPool, PoolError> {
@@ -416,7 +422,7 @@ impl BufferPool {
     }
 }
 
-fn memlock_limit_bytes() -> u64 {
+pub(crate) fn memlock_limit_bytes() -> u64 {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: lim is a valid out-pointer.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &raw mut lim) } == 0 {
@@ -517,6 +523,11 @@ impl Lease {
             class: self.class,
             slot: self.slot,
         }
+    }
+
+    /// The size class (index into the pool's classes, and into [`BufferPool::regions`]).
+    pub fn class(&self) -> u16 {
+        self.class
     }
 
     /// How many `Lease`s (clones and slices) share this slot now.

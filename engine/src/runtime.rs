@@ -288,6 +288,10 @@ async fn run_shard(wiring: ShardWiring) {
         Ok(sender) => sender,
         Err(error) => return fail(format!("io_uring: {error}")),
     };
+    // SAFETY: the pool is moved into the shard below, which owns the sender too and drops
+    // the sender's ring no later than the pool's mappings.
+    let pool_registered = unsafe { sender.register_pool(&pool.regions()) };
+    tracing::debug!(shard = index, pool_registered, "sender buffers");
     let mut history = match HistoryLog::new(wiring.config.limits.history_bytes_per_shard) {
         Ok(history) => history,
         Err(error) => return fail(format!("history ring of {} bytes: {error}", wiring.config.limits.history_bytes_per_shard)),

@@ -330,6 +330,17 @@ fn c_enqueue_final_delivers_then_peer_sees_eof() {
 
 #[test]
 fn d_peer_close_then_enqueue_returns_closed() {
+    peer_close(false);
+}
+
+/// The same with the pool registered: the sends are `WRITEV_FIXED` writes, which carry no
+/// `MSG_NOSIGNAL`; the test process (like the engine) ignores SIGPIPE, so EPIPE is an errno.
+#[test]
+fn d_peer_close_then_enqueue_returns_closed_fixed_buffers() {
+    peer_close(true);
+}
+
+fn peer_close(fixed: bool) {
     let (mut server, client) = pairs(1).pop().unwrap();
     drop(client);
     // Wait for the peer's FIN on our own side, so the sends below hit a closed peer.
@@ -338,6 +349,9 @@ fn d_peer_close_then_enqueue_returns_closed() {
     on_glommio(move || async move {
         let pool = pool(&[(256, 64)]);
         let sender = UringSender::new(SenderConfig { conns_max: 4, ..SenderConfig::default() }).unwrap();
+        // SAFETY: the pool outlives the sender (dropped after it at the end of this block).
+        let registered = fixed && unsafe { sender.register_pool(&pool.regions()) };
+        assert_eq!(registered, fixed && sender.stats().writev_fixed_supported);
         let runner = glommio::spawn_local(sender.run());
         let slot = sender.register(server.as_raw_fd()).unwrap();
         let deadline = Instant::now() + GUARD;
@@ -356,6 +370,7 @@ fn d_peer_close_then_enqueue_returns_closed() {
         assert_eq!(sender.state(slot), ConnState::Closed);
         let st = sender.stats();
         assert!(st.errors_total >= 1, "{st:?}");
+        assert_eq!(st.fixed_sends_total > 0, registered, "{st:?}");
         assert_eq!(st.conns_dead_total, 1);
         assert_eq!(pool.stats().classes[0].in_use, 0, "a dead connection releases its leases");
         sender.close(slot);
@@ -510,6 +525,96 @@ fn g_gathered_small_frames_keep_order_with_shared_buffers() {
         assert_eq!(gathered + plain, u64::from(CONNS * FRAMES / 4 * 3));
         assert!(gathered > plain, "most small frames were gathered: {gathered} gathered, {plain} not");
         assert!(pool.stats().classes.iter().all(|c| c.in_use == 0), "every gathering buffer is released once sent");
+        for &slot in &slots {
+            sender.close(slot);
+        }
+        sender.stop();
+        runner.await.unwrap();
+        drop(servers);
+    });
+    for (c, (reader, want)) in readers.into_iter().zip(expected).enumerate() {
+        let got = reader.join().unwrap();
+        assert_eq!(first_mismatch(&got, &want), None, "connection {c}: stream differs");
+    }
+}
+
+/// The frames of group `g` in test (h) for connection `conn`, each with its size class
+/// (`None`: a heap frame). Groups are sent one at a time, so each is one send per connection
+/// (more after a short write): ten small pooled frames (one class: a `WRITEV_FIXED`), one
+/// frame of about 1 MiB (into a small socket buffer: short writes resume inside a registered
+/// buffer), or small pooled frames with, on connection 1 only, a heap frame among them (that
+/// send cannot be `WRITEV_FIXED` and falls back to `SendMsg`).
+fn plan_h(conn: u32, g: u32) -> Vec<(Option<usize>, Vec<u8>)> {
+    let seq = |k: u32| g * 16 + k;
+    match g % 3 {
+        0 => (0..10).map(|k| (Some(0), frame(SHARED, seq(k), 16 + (seq(k) as usize * 7) % 240))).collect(),
+        1 => vec![(Some(1), frame(SHARED, seq(0), FRAME_BYTES_MAX - (g as usize % 97)))],
+        _ => (0..6)
+            .map(|k| if conn == 1 && k == 3 { (None, frame(conn, seq(k), 30 + g as usize % 50)) } else { (Some(0), frame(SHARED, seq(k), 40)) })
+            .collect(),
+    }
+}
+
+#[test]
+fn h_registered_pool_goes_out_as_fixed_writes_in_order_with_short_writes_and_mixed_sends() {
+    const CONNS: u32 = 2;
+    const GROUPS: u32 = 60;
+    let (servers, readers, expected) =
+        streams(CONNS as usize, |c| (0..GROUPS).flat_map(|g| plan_h(c, g)).flat_map(|(_, bytes)| bytes).collect());
+    for server in &servers {
+        // A small send buffer, so that a 1 MiB frame cannot go out in one send.
+        let sndbuf: libc::c_int = 64 << 10;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&raw const sndbuf).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        assert_eq!(rc, 0);
+    }
+    let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
+    on_glommio(move || async move {
+        let pool = pool(&[(256, 256), (FRAME_BYTES_MAX, 2)]);
+        let sender = UringSender::new(SenderConfig { conns_max: 8, conn_outbound_bytes_max: 8 << 20, ..SenderConfig::default() }).unwrap();
+        // SAFETY: the pool outlives the sender (dropped after it at the end of this block).
+        let registered = unsafe { sender.register_pool(&pool.regions()) };
+        assert_eq!(registered, sender.stats().writev_fixed_supported, "registration refused: {:?}", sender.stats());
+        let runner = glommio::spawn_local(sender.run());
+        let slots: Vec<_> = servers.iter().map(|s| sender.register(s.as_raw_fd()).unwrap()).collect();
+        for g in 0..GROUPS {
+            // Pooled frames are encoded once and shared by both connections.
+            let shared: Vec<Option<_>> = plan_h(0, g)
+                .into_iter()
+                .map(|(class, bytes)| class.map(|class| {
+                    let lease = pool.lease_copy(&bytes).unwrap();
+                    assert_eq!(usize::from(lease.class()), class);
+                    lease
+                }))
+                .collect();
+            for (c, &slot) in slots.iter().enumerate() {
+                for (k, (class, bytes)) in plan_h(c as u32, g).into_iter().enumerate() {
+                    let buf = match (class, &shared[k]) {
+                        (Some(_), Some(lease)) => OutBuf::Pooled(lease.clone()),
+                        _ => OutBuf::Heap(Bytes::from(bytes)),
+                    };
+                    sender.enqueue(slot, buf).unwrap();
+                }
+            }
+            drop(shared);
+            wait_until("group sent", || slots.iter().all(|&s| sender.queued_bytes(s) == 0)).await;
+        }
+        let st = sender.stats();
+        eprintln!("registered pool ({registered}): {st:?}");
+        assert_eq!(st.bytes_sent_total, total);
+        assert_eq!((st.errors_total, st.conns_dead_total, st.retries_total), (0, 0, 0), "{st:?}");
+        assert!(st.short_writes_total > 0, "1 MiB frames into a 64 KiB send buffer must need short writes: {st:?}");
+        if registered {
+            assert!(st.pool_registered);
+            // Every group but the mixed one on connection 1 is single-class.
+            assert!(st.fixed_sends_total > u64::from(GROUPS), "too few sends used the registered pool: {st:?}");
+            assert!(st.fixed_sends_total < st.sqes_total, "a send with a heap frame must fall back to SendMsg: {st:?}");
+        } else {
+            assert_eq!(st.fixed_sends_total, 0);
+        }
+        assert!(pool.stats().classes.iter().all(|c| c.in_use == 0));
         for &slot in &slots {
             sender.close(slot);
         }
