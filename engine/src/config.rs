@@ -792,6 +792,11 @@ pub struct LimitsConfig {
     /// when the shard's recent traffic no longer fits (resumes reaching further back are told
     /// `recovered = false`). Reserved at start, used as written.
     pub history_bytes_per_shard: usize,
+    /// Fault the whole history ring in at start (each shard is then resident at its full
+    /// `history_bytes_per_shard` from the first second) instead of as it is first written:
+    /// first writes fault in one 2 MiB huge page at a time on the shard's thread, 0.3–2 ms
+    /// each on a VM, and every message arriving meanwhile waits (bench/RESULTS.md, session 6).
+    pub history_prefault: bool,
     /// Most sessions one shard holds.
     pub sessions_per_shard_max: usize,
     /// A session nobody subscribes to and nobody has published to for this long is dropped
@@ -887,6 +892,7 @@ impl Default for LimitsConfig {
             subscriptions_per_connection_max: 100_000,
             history_messages_max: 128,
             history_bytes_per_shard: 32 << 20,
+            history_prefault: true,
             sessions_per_shard_max: 2_000_000,
             session_idle_ms: 1_800_000,
             closed_session_linger_ms: 60_000,

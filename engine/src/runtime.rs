@@ -296,6 +296,11 @@ async fn run_shard(wiring: ShardWiring) {
         Ok(history) => history,
         Err(error) => return fail(format!("history ring of {} bytes: {error}", wiring.config.limits.history_bytes_per_shard)),
     };
+    if wiring.config.limits.history_prefault {
+        if let Err(error) = history.prefault() {
+            return fail(format!("faulting in the history ring of {} bytes: {error}", wiring.config.limits.history_bytes_per_shard));
+        }
+    }
     let (journal, epoch, restored) = match wiring.layout {
         None => (None, wiring.epoch, Vec::new()),
         Some(_) => match open_journal(index, &wiring.config, wiring.epoch, &mut history).await {
