@@ -79,7 +79,10 @@
 //! baseline to benchmark this sender against (syscalls per delivered message).
 //!
 //! `SEND_ZC` support is probed at start and reported in [`SenderStats::send_zc_supported`] but
-//! not used: on loopback with small messages it measured slower than plain sends.
+//! not used: measured with `zc_probe` (bench/RESULTS.md, session 6), from a registered buffer
+//! on loopback it costs 1.5–2.5× a copying send below 16 KiB and starts to pay at 32–64 KiB
+//! (0.3–0.6× at 64–256 KiB, worse again at 1 MiB); the engine's frames are nearly all far
+//! below that, and using it means keeping a send's buffers until its notification CQE.
 //!
 //! # Fixed buffers
 //! The shard registers its buffer pool with [`register_pool`](UringSender::register_pool):

@@ -3,9 +3,9 @@
 //!
 //! Why it exists: on the project's VMs the host backs guest memory lazily, and a first touch
 //! costs up to milliseconds per 2 MiB; a shard that faults memory in under live traffic stalls
-//! every connection it serves for that long. The engine's buffer pools are populated at start;
-//! its history ring is not (see `engine/src/history.rs` for why). `touch_probe --mib 64
-//! --rounds 3` measures the cost again.
+//! every connection it serves for that long. The engine's buffer pools are populated at start,
+//! and so is its history ring (`limits.history_prefault`, see `engine/src/history.rs`).
+//! `touch_probe --mib 64 --rounds 3` measures the cost again.
 
 #![allow(clippy::cast_precision_loss)]
 
