@@ -102,7 +102,7 @@ impl Reader {
                 return;
             }
         }
-        while self.fill().await {
+        while let Some(read) = self.fill().await {
             loop {
                 match self.next_frame() {
                     Ok(Some((correlation, frame))) => {
@@ -123,18 +123,26 @@ impl Reader {
             // other connections get their turn. Yielding after every read instead made sends
             // small (many syscalls per delivery) and, worse, kept glommio from polling I/O.
             glommio::yield_if_needed().await;
+            if read == self.scratch.len() {
+                // A full read means a backlog (the shard was stalled, or the publisher is
+                // faster than one read per turn): let the flusher send what this read produced
+                // before reading on, as Redis writes after each read chunk. Otherwise the first
+                // messages of a backlog wait until all of it is processed.
+                futures_lite::future::yield_now().await;
+            }
         }
     }
 
-    /// Reads once into the buffer; false on EOF, error or shutdown of this connection.
-    async fn fill(&mut self) -> bool {
+    /// Reads once into the buffer: the bytes read, or None on EOF, error or shutdown of this
+    /// connection.
+    async fn fill(&mut self) -> Option<usize> {
         match self.stream.read(&mut self.scratch).await {
-            Ok(0) | Err(_) => false,
+            Ok(0) | Err(_) => None,
             Ok(read) => {
                 self.buffer.extend_from_slice(&self.scratch[..read]);
                 self.shard.count(|c| c.bytes_received_total += read as u64);
                 self.shard.touch(self.conn);
-                true
+                Some(read)
             }
         }
     }
@@ -161,7 +169,7 @@ impl Reader {
                     return false;
                 }
                 Ok(None) => {
-                    if !self.fill().await {
+                    if self.fill().await.is_none() {
                         return false;
                     }
                 }
