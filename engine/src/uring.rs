@@ -454,9 +454,10 @@ struct State {
     /// The dirty list being processed by the flusher (swapped, so no allocation per turn).
     scratch: Vec<u32>,
     stats: SenderStats,
-    /// A `WRITEV_FIXED` send failed with an errno that means the kernel will not take them:
-    /// every send is a `SendMsg` from then on.
-    fixed_refused: bool,
+    /// Pool classes registered as fixed buffers: a send from one of them is a
+    /// `WRITEV_FIXED`. 0: none registered, or the kernel refused a fixed write (every send is
+    /// a `SendMsg` from then on).
+    fixed_regions: u16,
 }
 
 impl State {
@@ -545,8 +546,7 @@ impl State {
                     // The kernel refuses what the probe said it has (or our region bookkeeping
                     // is wrong): stop using fixed buffers and resend these bytes with SendMsg.
                     tracing::warn!(errno = -res, "sender: a WRITEV_FIXED send failed; sending with sendmsg from now on");
-                    self.fixed_refused = true;
-                    self.stats.pool_registered = false;
+                    self.fixed_regions = 0;
                     self.failed(index, Disposition::Retry, -res, cfg);
                     self.after_op(index);
                     return;
@@ -641,10 +641,6 @@ struct Inner {
     flush_wake: Notify,
     eventfd: OwnedFd,
     cfg: SenderConfig,
-    /// Pool mappings registered as fixed buffers (0: none; then every send is a `SendMsg`).
-    fixed_regions: Cell<u16>,
-    /// `WRITEV_FIXED` is supported by the kernel (Linux 6.15+).
-    writev_fixed_supported: bool,
     stopping: Cell<bool>,
     running: Cell<bool>,
 }
@@ -739,7 +735,7 @@ impl UringSender {
             dirty: Vec::with_capacity(cfg.conns_max),
             scratch: Vec::with_capacity(cfg.conns_max),
             stats: SenderStats { cq_entries: cq_actual, send_zc_supported, writev_fixed_supported, ..SenderStats::default() },
-            fixed_refused: false,
+            fixed_regions: 0,
         };
         Ok(UringSender {
             inner: Rc::new(Inner {
@@ -748,8 +744,6 @@ impl UringSender {
                 flush_wake: Notify::default(),
                 eventfd,
                 cfg,
-                fixed_regions: Cell::new(0),
-                writev_fixed_supported,
                 stopping: Cell::new(false),
                 running: Cell::new(false),
             }),
@@ -771,11 +765,11 @@ impl UringSender {
     /// queued here. (The kernel pins the pages at registration, so it never reads freed memory
     /// even if the mapping goes first; what it sends is whatever the queued lease holds.)
     pub unsafe fn register_pool(&self, regions: &[(*const u8, usize)]) -> bool {
-        if !self.inner.writev_fixed_supported {
+        if !self.inner.state.borrow().stats.writev_fixed_supported {
             tracing::info!("sender: the kernel has no IORING_OP_WRITEV_FIXED (Linux 6.15+); pool buffers are sent with sendmsg");
             return false;
         }
-        if regions.is_empty() || regions.len() > usize::from(u16::MAX) || self.inner.fixed_regions.get() > 0 {
+        if regions.is_empty() || regions.len() > usize::from(u16::MAX) || self.inner.state.borrow().fixed_regions > 0 {
             return false;
         }
         if !sigpipe_ignored() {
@@ -787,8 +781,7 @@ impl UringSender {
         // (WRITEV_FIXED), never writes.
         match unsafe { self.inner.ring.borrow().submitter().register_buffers(&iovs) } {
             Ok(()) => {
-                self.inner.fixed_regions.set(regions.len() as u16);
-                self.inner.state.borrow_mut().stats.pool_registered = true;
+                self.inner.state.borrow_mut().fixed_regions = regions.len() as u16;
                 true
             }
             Err(error) => {
@@ -973,7 +966,8 @@ impl UringSender {
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> SenderStats {
-        self.inner.state.borrow().stats
+        let st = self.inner.state.borrow();
+        SenderStats { pool_registered: st.fixed_regions > 0, ..st.stats }
     }
 
     /// The flusher and the reaper, to spawn on the shard's glommio executor. Returns after
@@ -1132,7 +1126,7 @@ impl UringSender {
         let send_flags = libc::MSG_NOSIGNAL as u32
             | if cfg.send_dontwait { libc::MSG_DONTWAIT as u32 } else { 0 };
         let write_flags = if cfg.send_dontwait { libc::RWF_NOWAIT } else { 0 };
-        let fixed_regions = if st.fixed_refused { 0 } else { inner.fixed_regions.get() };
+        let fixed_regions = st.fixed_regions;
         let mut pushed: u64 = 0;
         let mut deferred_from = None;
         for i in 0..st.scratch.len() {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use glommio::{LocalExecutorBuilder, Placement};
 use switchboard::pool::{BufferPool, PoolConfig, SizeClass, FRAME_BYTES_MAX};
-use switchboard::uring::{ConnState, EnqueueError, OutBuf, SenderConfig, UringSender};
+use switchboard::uring::{ConnSlot, ConnState, EnqueueError, OutBuf, SenderConfig, UringSender};
 
 /// Failure guard for every wait; never reached when the code works.
 const GUARD: Duration = Duration::from_secs(30);
@@ -119,6 +119,23 @@ fn pool(classes: &[(usize, usize)]) -> BufferPool {
     .unwrap()
 }
 
+/// Closes every connection, stops the sender and waits for its tasks to end.
+async fn close_and_stop(sender: &UringSender, slots: &[ConnSlot], runner: impl Future<Output = std::io::Result<()>>) {
+    for &slot in slots {
+        sender.close(slot);
+    }
+    sender.stop();
+    runner.await.unwrap();
+}
+
+/// Joins each connection's reader and checks its stream byte for byte against `expected`.
+fn assert_streams(readers: Vec<JoinHandle<Vec<u8>>>, expected: Vec<Vec<u8>>) {
+    for (c, (reader, want)) in readers.into_iter().zip(expected).enumerate() {
+        let got = reader.join().unwrap();
+        assert_eq!(first_mismatch(&got, &want), None, "connection {c}: stream differs");
+    }
+}
+
 fn first_mismatch(got: &[u8], want: &[u8]) -> Option<usize> {
     if got.len() != want.len() {
         return Some(got.len().min(want.len()));
@@ -183,10 +200,7 @@ fn a_ordering_and_completeness_8_conns_10k_frames() {
         runner.await.unwrap();
         drop(servers);
     });
-    for (c, (reader, want)) in readers.into_iter().zip(expected).enumerate() {
-        let got = reader.join().unwrap();
-        assert_eq!(first_mismatch(&got, &want), None, "connection {c}: stream differs");
-    }
+    assert_streams(readers, expected);
 }
 
 fn slow_consumer(send_dontwait: bool) {
@@ -416,17 +430,10 @@ fn e_one_mib_buffers_short_writes_are_resumed() {
         assert!(st.short_writes_total > 0, "12 MiB per socket must need short writes: {st:?}");
         assert_eq!(st.errors_total, 0);
         assert!(pool.stats().classes.iter().all(|c| c.in_use == 0));
-        for &slot in &slots {
-            sender.close(slot);
-        }
-        sender.stop();
-        runner.await.unwrap();
+        close_and_stop(&sender, &slots, runner).await;
         drop(servers);
     });
-    for (c, (reader, want)) in readers.into_iter().zip(expected).enumerate() {
-        let got = reader.join().unwrap();
-        assert_eq!(first_mismatch(&got, &want), None, "connection {c}: stream differs");
-    }
+    assert_streams(readers, expected);
 }
 
 #[test]
@@ -461,11 +468,7 @@ fn f_fan_out_to_16_sockets_is_one_submission() {
         assert_eq!(after.completions_total - before.completions_total, CONNS as u64);
         assert!(after.eventfd_wakeups_total >= 1);
         assert_eq!(pool.stats().classes[0].in_use, 0);
-        for &slot in &slots {
-            sender.close(slot);
-        }
-        sender.stop();
-        runner.await.unwrap();
+        close_and_stop(&sender, &slots, runner).await;
         drop(servers);
     });
     for reader in readers {
@@ -525,17 +528,10 @@ fn g_gathered_small_frames_keep_order_with_shared_buffers() {
         assert_eq!(gathered + plain, u64::from(CONNS * FRAMES / 4 * 3));
         assert!(gathered > plain, "most small frames were gathered: {gathered} gathered, {plain} not");
         assert!(pool.stats().classes.iter().all(|c| c.in_use == 0), "every gathering buffer is released once sent");
-        for &slot in &slots {
-            sender.close(slot);
-        }
-        sender.stop();
-        runner.await.unwrap();
+        close_and_stop(&sender, &slots, runner).await;
         drop(servers);
     });
-    for (c, (reader, want)) in readers.into_iter().zip(expected).enumerate() {
-        let got = reader.join().unwrap();
-        assert_eq!(first_mismatch(&got, &want), None, "connection {c}: stream differs");
-    }
+    assert_streams(readers, expected);
 }
 
 /// The frames of group `g` in test (h) for connection `conn`, each with its size class
@@ -615,15 +611,8 @@ fn h_registered_pool_goes_out_as_fixed_writes_in_order_with_short_writes_and_mix
             assert_eq!(st.fixed_sends_total, 0);
         }
         assert!(pool.stats().classes.iter().all(|c| c.in_use == 0));
-        for &slot in &slots {
-            sender.close(slot);
-        }
-        sender.stop();
-        runner.await.unwrap();
+        close_and_stop(&sender, &slots, runner).await;
         drop(servers);
     });
-    for (c, (reader, want)) in readers.into_iter().zip(expected).enumerate() {
-        let got = reader.join().unwrap();
-        assert_eq!(first_mismatch(&got, &want), None, "connection {c}: stream differs");
-    }
+    assert_streams(readers, expected);
 }
