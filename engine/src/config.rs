@@ -868,6 +868,12 @@ pub struct UringConfig {
     pub ring_entries: u32,
     /// Buffers gathered into one send.
     pub iov_per_send_max: usize,
+    /// Smallest single-frame send, in bytes, that goes out as zero-copy `SEND_ZC` from the
+    /// registered pool (where the kernel has it); 0 (the default): never. Measured on loopback
+    /// (bench/RESULTS.md): alone, zero copy starts to pay at 32-64 KiB; in the engine's
+    /// fan-out it never did (60 KB frames cost 1.2-1.3x the CPU of copying), because loopback
+    /// copies at delivery anyway. For real NICs, where it can pay, try 32768.
+    pub send_zc_min_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -941,7 +947,7 @@ impl Default for UringConfig {
         // 512 buffers of a 128 B chat message are 64 KiB per sendmsg: large enough that one
         // submission per loop turn keeps up with a busy gateway connection (64 capped a
         // connection at 64 frames per turn and cut busy publishers off as slow consumers).
-        UringConfig { ring_entries: 1024, iov_per_send_max: 512 }
+        UringConfig { ring_entries: 1024, iov_per_send_max: 512, send_zc_min_bytes: 0 }
     }
 }
 

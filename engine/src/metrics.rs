@@ -165,6 +165,9 @@ pub fn render(snapshots: &[ShardSnapshot], desks: &[DeskMetrics]) -> String {
     b.counter("uring_submits", "io_uring_enter calls that submitted sends", c(|s| s.sender.submits_total));
     b.counter("uring_sqes", "Send operations submitted", c(|s| s.sender.sqes_total));
     b.counter("uring_fixed_sends", "Sends issued as WRITEV_FIXED from the registered buffer pool", c(|s| s.sender.fixed_sends_total));
+    b.counter("uring_zc_sends", "Sends issued as zero-copy SEND_ZC from the registered buffer pool (large frames)", c(|s| s.sender.zc_sends_total));
+    b.counter("uring_zc_copied", "Zero-copy notifications saying the kernel copied after all", c(|s| s.sender.zc_copied_total));
+    b.gauge("uring_zc_held", "Buffers of zero-copy sends waiting for the kernel's notification", c(|s| s.sender.zc_held).into_iter().map(|(l, v)| (l, gauge_i64(v))));
     b.counter("uring_completions", "Completions reaped", c(|s| s.sender.completions_total));
     b.counter("uring_short_writes", "Sends that wrote part of their buffers", c(|s| s.sender.short_writes_total));
     b.counter("uring_eagain", "Sends that found the socket full", c(|s| s.sender.eagain_total));

@@ -271,6 +271,7 @@ fn sender_config(config: &Config) -> SenderConfig {
         conn_outbound_bytes_max: config.limits.outbound_bytes_max,
         conn_outbound_frames_max: config.limits.outbound_frames_max,
         conns_max: config.limits.connections_per_shard_max,
+        send_zc_min_bytes: config.uring.send_zc_min_bytes,
         ..SenderConfig::default()
     }
 }

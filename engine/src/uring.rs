@@ -69,8 +69,11 @@
 //!
 //! # CQ sizing
 //! Each connection has at most one operation in flight (a parked send to a slow reader stays
-//! in flight), so the completion queue is sized to at least `conns_max` entries (kernel
-//! maximum 65536) and can never overflow; an overflow flag is still checked and flushed.
+//! in flight), and at most [`ZC_HELD_MAX`] zero-copy notifications are outstanding, so the
+//! completion queue is sized to at least `conns_max` (+ `ZC_HELD_MAX` when zero copy is
+//! configured) entries and cannot overflow below the kernel maximum of 65536; at that maximum
+//! the kernel keeps overflowed completions (`IORING_FEAT_NODROP`), and the overflow flag is
+//! checked and flushed.
 //!
 //! # Baseline for comparison (not implemented here)
 //! glommio's own `TcpStream` write path is one `send` syscall per `write_all` call, falling
@@ -78,11 +81,25 @@
 //! task looping `stream.write_all(buf.as_slice()).await` over its queue. That is the
 //! baseline to benchmark this sender against (syscalls per delivered message).
 //!
-//! `SEND_ZC` support is probed at start and reported in [`SenderStats::send_zc_supported`] but
-//! not used: measured with `zc_probe` (bench/RESULTS.md, session 6), from a registered buffer
-//! on loopback it costs 1.5–2.5× a copying send below 16 KiB and starts to pay at 32–64 KiB
-//! (0.3–0.6× at 64–256 KiB, worse again at 1 MiB); the engine's frames are nearly all far
-//! below that, and using it means keeping a send's buffers until its notification CQE.
+//! # Zero-copy sends (`SEND_ZC`)
+//! Support is probed at start ([`SenderStats::send_zc_supported`]). A buffer of at least
+//! [`SenderConfig::send_zc_min_bytes`] from a registered pool class is sent alone (the gather
+//! stops before it, and the send after it starts behind it) as `SEND_ZC` with
+//! `IORING_RECVSEND_FIXED_BUF`: the kernel sends from the pinned pool pages instead of copying
+//! them into socket buffers. The threshold is measured, not guessed: with
+//! `zc_probe` (bench/RESULTS.md, session 6), from a registered buffer on loopback a zero-copy
+//! send costs 1.5–2.5× a copying one below 16 KiB, breaks even at 32 KiB and costs 0.3–0.6× at
+//! 64–256 KiB; so small frames (nearly all of a chat workload) keep the copying write and
+//! only large single frames can take this path. In the engine's fan-out on loopback it never
+//! paid (60 KB frames to 3 subscribers each: 1.2–1.3× the CPU per delivery of copying,
+//! session 7), as loopback copies at delivery anyway: the engine's configured default is 0
+//! (off), to be set for real NICs. Such a send completes twice: its result (the
+//! connection then goes on as after any send, its next send may follow at once) and later a
+//! notification once the kernel no longer reads the pages. Until that notification a clone of
+//! the buffer is *held* (in a bounded table, [`ZC_HELD_MAX`] entries; when it is full, sends
+//! copy), so its pool slot cannot be reused under the kernel. If the kernel refuses a
+//! zero-copy send with `EINVAL` or `EOPNOTSUPP`, the sender stops using them and resends those
+//! bytes by copying.
 //!
 //! # Fixed buffers
 //! The shard registers its buffer pool with [`register_pool`](UringSender::register_pool):
@@ -107,7 +124,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use bytes::Bytes;
-use io_uring::{opcode, squeue, types, IoUring, Probe};
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use crate::notify::Notify;
 use crate::pool::{Lease, LeaseMut};
@@ -175,6 +192,9 @@ pub struct SenderConfig {
     /// sender arms `POLLOUT` itself (and gathers whatever was queued meanwhile into the
     /// resend). Off: the kernel parks the send and retries it internally.
     pub send_dontwait: bool,
+    /// Smallest single-buffer send (bytes) that goes out as `SEND_ZC` from the registered
+    /// pool; 0: never (see the module doc for where zero copy pays).
+    pub send_zc_min_bytes: usize,
 }
 
 impl Default for SenderConfig {
@@ -187,6 +207,7 @@ impl Default for SenderConfig {
             conns_max: 65536,
             send_retries_max: 64,
             send_dontwait: false,
+            send_zc_min_bytes: 0,
         }
     }
 }
@@ -292,7 +313,7 @@ pub struct SenderStats {
     pub ops_in_flight: u64,
     /// Completion queue size.
     pub cq_entries: u32,
-    /// The kernel supports `IORING_OP_SEND_ZC` (not used; see the module doc).
+    /// The kernel supports `IORING_OP_SEND_ZC` (used for large frames; see the module doc).
     pub send_zc_supported: bool,
     /// The kernel supports `IORING_OP_WRITEV_FIXED` (Linux 6.15+).
     pub writev_fixed_supported: bool,
@@ -302,10 +323,26 @@ pub struct SenderStats {
     /// Sends issued as `WRITEV_FIXED` from the registered pool (the rest of `sqes_total` are
     /// `SendMsg` sends and `POLLOUT` polls).
     pub fixed_sends_total: u64,
+    /// Sends issued as `SEND_ZC` from the registered pool (also counted in
+    /// `fixed_sends_total`).
+    pub zc_sends_total: u64,
+    /// Zero-copy notifications that said the kernel copied after all (loopback always does).
+    pub zc_copied_total: u64,
+    /// Buffers of zero-copy sends still held for their notification.
+    pub zc_held: u64,
 }
 
 const OP_SEND: u64 = 1;
 const OP_POLL: u64 = 2;
+/// A `SEND_ZC`: the low 32 bits of its user data index the held-buffer table, not the slab.
+const OP_SEND_ZC: u64 = 3;
+/// Buffers of zero-copy sends held at once for their notifications; when the table is full,
+/// sends copy.
+pub const ZC_HELD_MAX: usize = 1024;
+/// `IORING_SEND_ZC_REPORT_USAGE`: the notification says whether the kernel copied anyway.
+const ZC_REPORT_USAGE: u16 = 1 << 3;
+/// `IORING_NOTIF_USAGE_ZC_COPIED` in a notification's result.
+const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 const GEN_MASK: u32 = 0x00FF_FFFF;
 /// Queues that grew beyond this many entries are shrunk when their slot is freed, so one
 /// past burst does not pin memory on a slot forever.
@@ -321,9 +358,18 @@ fn user_data(kind: u64, index: u32, gen: u32) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Idle,
-    /// `fixed`: a `WRITEV_FIXED` from the registered pool, else a `SendMsg`.
-    Send { bytes: usize, fixed: bool },
+    /// `fixed`: from the registered pool (a `WRITEV_FIXED`, or a `SEND_ZC` when `zc`), else a
+    /// `SendMsg`.
+    Send { bytes: usize, fixed: bool, zc: bool },
     PollOut,
+}
+
+/// The buffer of a zero-copy send, kept until the kernel's notification says it no longer
+/// reads it; and whose connection the send's result belongs to.
+struct ZcHeld {
+    index: u32,
+    gen: u32,
+    _buf: OutBuf,
 }
 
 /// What a failed completion means; see the errno table in the module doc.
@@ -458,6 +504,11 @@ struct State {
     /// `WRITEV_FIXED`. 0: none registered, or the kernel refused a fixed write (every send is
     /// a `SendMsg` from then on).
     fixed_regions: u16,
+    /// Zero-copy sends are used (supported, configured, and never refused by the kernel).
+    zc_enabled: bool,
+    /// Held buffers of zero-copy sends, indexed by the low bits of their user data.
+    zc_held: Vec<Option<ZcHeld>>,
+    zc_free: Vec<u32>,
 }
 
 impl State {
@@ -528,11 +579,18 @@ impl State {
     }
 
     /// Handles one completion. Never submits and never calls out, so never recursive.
-    fn complete(&mut self, ud: u64, res: i32, cfg: &SenderConfig) {
+    fn complete(&mut self, ud: u64, res: i32, flags: u32, cfg: &SenderConfig) {
         let kind = ud >> 56;
-        let gen = ((ud >> 32) as u32) & GEN_MASK;
-        let index = ud as u32;
         self.stats.completions_total += 1;
+        let (index, gen) = if kind == OP_SEND_ZC {
+            match self.zc_completion(ud as u32, res, flags) {
+                Some(owner) => owner,
+                // A notification: it only released the held buffer.
+                None => return,
+            }
+        } else {
+            (ud as u32, ((ud >> 32) as u32) & GEN_MASK)
+        };
         self.stats.ops_in_flight = self.stats.ops_in_flight.saturating_sub(1);
         let Some(conn) = self.conns.get_mut(index as usize).filter(|c| c.in_use && c.gen == gen)
         else {
@@ -540,9 +598,19 @@ impl State {
             return;
         };
         match (kind, conn.op) {
-            (OP_SEND, Op::Send { bytes, fixed }) => {
+            (OP_SEND, Op::Send { bytes, fixed, zc: false }) | (OP_SEND_ZC, Op::Send { bytes, fixed, zc: true }) => {
                 conn.op = Op::Idle;
-                if fixed && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP | libc::EFAULT) {
+                let zc = kind == OP_SEND_ZC;
+                if zc && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP) {
+                    // The kernel refuses what the probe said it has: copy from now on, and
+                    // resend these bytes that way.
+                    tracing::warn!(errno = -res, "sender: a SEND_ZC send failed; copying sends from now on");
+                    self.zc_enabled = false;
+                    self.failed(index, Disposition::Retry, -res, cfg);
+                    self.after_op(index);
+                    return;
+                }
+                if fixed && !zc && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP | libc::EFAULT) {
                     // The kernel refuses what the probe said it has (or our region bookkeeping
                     // is wrong): stop using fixed buffers and resend these bytes with SendMsg.
                     tracing::warn!(errno = -res, "sender: a WRITEV_FIXED send failed; sending with sendmsg from now on");
@@ -579,6 +647,34 @@ impl State {
             }
         }
         self.after_op(index);
+    }
+
+    /// A completion of a zero-copy send. Its notification releases the held buffer (`None`);
+    /// its result names the connection it belongs to, and releases the buffer at once when no
+    /// notification follows (`IORING_CQE_F_MORE` unset).
+    fn zc_completion(&mut self, held: u32, res: i32, flags: u32) -> Option<(u32, u32)> {
+        let Some(entry) = self.zc_held.get(held as usize).and_then(Option::as_ref) else {
+            tracing::error!(held, res, "sender: zero-copy completion for no held buffer (bug)");
+            return None;
+        };
+        let owner = (entry.index, entry.gen);
+        if cqueue::notif(flags) {
+            if (res as u32) & NOTIF_USAGE_ZC_COPIED != 0 {
+                self.stats.zc_copied_total += 1;
+            }
+            self.release_held(held);
+            return None;
+        }
+        if !cqueue::more(flags) {
+            self.release_held(held);
+        }
+        Some(owner)
+    }
+
+    fn release_held(&mut self, held: u32) {
+        self.zc_held[held as usize] = None;
+        self.zc_free.push(held);
+        self.stats.zc_held -= 1;
     }
 
     fn failed(&mut self, index: u32, what: Disposition, errno: i32, cfg: &SenderConfig) {
@@ -698,8 +794,8 @@ impl UringSender {
             return Err(invalid("conn_outbound_*_max must be positive".into()));
         }
         // One operation per connection at most: a CQ of conns_max entries cannot overflow.
-        let cq_entries = cfg
-            .conns_max
+        let zc_notifications = if cfg.send_zc_min_bytes > 0 { ZC_HELD_MAX } else { 0 };
+        let cq_entries = (cfg.conns_max + zc_notifications)
             .max(2 * cfg.ring_entries as usize)
             .next_power_of_two()
             .min(CQ_ENTRIES_MAX);
@@ -736,6 +832,9 @@ impl UringSender {
             scratch: Vec::with_capacity(cfg.conns_max),
             stats: SenderStats { cq_entries: cq_actual, send_zc_supported, writev_fixed_supported, ..SenderStats::default() },
             fixed_regions: 0,
+            zc_enabled: false,
+            zc_held: Vec::new(),
+            zc_free: Vec::new(),
         };
         Ok(UringSender {
             inner: Rc::new(Inner {
@@ -781,7 +880,9 @@ impl UringSender {
         // (WRITEV_FIXED), never writes.
         match unsafe { self.inner.ring.borrow().submitter().register_buffers(&iovs) } {
             Ok(()) => {
-                self.inner.state.borrow_mut().fixed_regions = regions.len() as u16;
+                let mut st = self.inner.state.borrow_mut();
+                st.fixed_regions = regions.len() as u16;
+                st.zc_enabled = st.stats.send_zc_supported && self.inner.cfg.send_zc_min_bytes > 0;
                 true
             }
             Err(error) => {
@@ -1069,7 +1170,10 @@ impl UringSender {
     /// true when some connection became dirty.
     fn settle(&self) -> bool {
         let mut dirty = self.reap_completions();
-        let in_flight = self.inner.state.borrow().stats.ops_in_flight > 0;
+        let in_flight = {
+            let stats = &self.inner.state.borrow().stats;
+            stats.ops_in_flight > 0 || stats.zc_held > 0
+        };
         {
             let mut ring = self.inner.ring.borrow_mut();
             let (_, _, cq) = ring.split();
@@ -1095,7 +1199,7 @@ impl UringSender {
             let (submitter, sq, mut cq) = ring.split();
             let mut n: u64 = 0;
             for cqe in &mut cq {
-                st.complete(cqe.user_data(), cqe.result(), &inner.cfg);
+                st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &inner.cfg);
                 n += 1;
             }
             drop(cq);
@@ -1127,6 +1231,7 @@ impl UringSender {
             | if cfg.send_dontwait { libc::MSG_DONTWAIT as u32 } else { 0 };
         let write_flags = if cfg.send_dontwait { libc::RWF_NOWAIT } else { 0 };
         let fixed_regions = st.fixed_regions;
+        let zc_min_bytes = if st.zc_enabled && fixed_regions > 0 { cfg.send_zc_min_bytes } else { 0 };
         let mut pushed: u64 = 0;
         let mut deferred_from = None;
         for i in 0..st.scratch.len() {
@@ -1138,11 +1243,11 @@ impl UringSender {
             }
             let Some(fd) = conn.fd.as_ref().map(AsRawFd::as_raw_fd) else { continue };
             conn.seal_tail();
-            let (entry, op): (squeue::Entry, Op) = if conn.want_pollout {
+            let (entry, op, held): (squeue::Entry, Op, Option<u32>) = if conn.want_pollout {
                 let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
                     .build()
                     .user_data(user_data(OP_POLL, index, conn.gen));
-                (e, Op::PollOut)
+                (e, Op::PollOut, None)
             } else if !conn.queue.is_empty() {
                 let mut bytes = 0;
                 let mut iovs = 0;
@@ -1150,27 +1255,55 @@ impl UringSender {
                 let mut region = None;
                 for (k, buf) in conn.queue.iter().take(cfg.iov_per_send_max).enumerate() {
                     let s = if k == 0 { &buf.as_slice()[conn.head_offset..] } else { buf.as_slice() };
-                    conn.iov[k] = libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() };
-                    bytes += s.len();
-                    iovs += 1;
                     let class = match buf {
                         OutBuf::Pooled(lease) if lease.class() < fixed_regions => Some(lease.class()),
                         _ => None,
                     };
+                    // A large registered buffer goes out alone, zero copy: the gather stops
+                    // before it, or after it when it comes first.
+                    let zero_copy = zc_min_bytes > 0 && class.is_some() && s.len() >= zc_min_bytes;
+                    if zero_copy && k > 0 {
+                        break;
+                    }
+                    conn.iov[k] = libc::iovec { iov_base: s.as_ptr() as *mut libc::c_void, iov_len: s.len() };
+                    bytes += s.len();
+                    iovs += 1;
                     region = if k == 0 { class } else { region.filter(|&r| Some(r) == class) };
+                    if zero_copy {
+                        break;
+                    }
                 }
-                let e = if let Some(region) = region {
-                    opcode::WritevFixed::new(types::Fd(fd), conn.iov.as_ptr(), iovs as u32, region)
+                // One large buffer from the registered pool: zero copy (module doc), holding a
+                // clone of the buffer until the kernel's notification.
+                let held = match region {
+                    Some(_) if zc_min_bytes > 0 && iovs == 1 && bytes >= zc_min_bytes => {
+                        hold(&mut st.zc_held, &mut st.zc_free, &mut st.stats, index, conn.gen, conn.queue[0].clone())
+                    }
+                    _ => None,
+                };
+                let e = match (region, held) {
+                    (Some(region), Some(held)) => opcode::SendZc::new(types::Fd(fd), conn.iov[0].iov_base as *const u8, bytes as u32)
+                        .buf_index(Some(region))
+                        .flags(send_flags as i32)
+                        .zc_flags(ZC_REPORT_USAGE)
+                        .build()
+                        .user_data((OP_SEND_ZC << 56) | u64::from(held)),
+                    (Some(region), None) => opcode::WritevFixed::new(types::Fd(fd), conn.iov.as_ptr(), iovs as u32, region)
                         .rw_flags(write_flags)
                         .build()
-                } else {
-                    // SAFETY: all-zero is msghdr's empty value.
-                    *conn.hdr = unsafe { std::mem::zeroed() };
-                    conn.hdr.msg_iov = conn.iov.as_mut_ptr();
-                    conn.hdr.msg_iovlen = iovs;
-                    opcode::SendMsg::new(types::Fd(fd), &raw const *conn.hdr).flags(send_flags).build()
+                        .user_data(user_data(OP_SEND, index, conn.gen)),
+                    (None, _) => {
+                        // SAFETY: all-zero is msghdr's empty value.
+                        *conn.hdr = unsafe { std::mem::zeroed() };
+                        conn.hdr.msg_iov = conn.iov.as_mut_ptr();
+                        conn.hdr.msg_iovlen = iovs;
+                        opcode::SendMsg::new(types::Fd(fd), &raw const *conn.hdr)
+                            .flags(send_flags)
+                            .build()
+                            .user_data(user_data(OP_SEND, index, conn.gen))
+                    }
                 };
-                (e.user_data(user_data(OP_SEND, index, conn.gen)), Op::Send { bytes, fixed: region.is_some() })
+                (e, Op::Send { bytes, fixed: region.is_some(), zc: held.is_some() }, held)
             } else {
                 if conn.state == ConnState::Closing {
                     let owner_gone = conn.owner_gone;
@@ -1196,6 +1329,9 @@ impl UringSender {
                 }
             }
             if !ok {
+                if let Some(held) = held {
+                    st.release_held(held);
+                }
                 deferred_from = Some(i);
                 break;
             }
@@ -1203,6 +1339,7 @@ impl UringSender {
             st.stats.ops_in_flight += 1;
             st.stats.sqes_total += 1;
             st.stats.fixed_sends_total += u64::from(matches!(op, Op::Send { fixed: true, .. }));
+            st.stats.zc_sends_total += u64::from(held.is_some());
             pushed += 1;
         }
         if let Some(from) = deferred_from {
@@ -1221,6 +1358,22 @@ impl UringSender {
         }
         deferred
     }
+}
+
+/// Holds a clone of a zero-copy send's buffer until its notification; the index for its user
+/// data, or `None` when the table is full (the send then copies).
+fn hold(held: &mut Vec<Option<ZcHeld>>, free: &mut Vec<u32>, stats: &mut SenderStats, index: u32, gen: u32, buf: OutBuf) -> Option<u32> {
+    let slot = match free.pop() {
+        Some(slot) => slot,
+        None if held.len() < ZC_HELD_MAX => {
+            held.push(None);
+            (held.len() - 1) as u32
+        }
+        None => return None,
+    };
+    held[slot as usize] = Some(ZcHeld { index, gen, _buf: buf });
+    stats.zc_held += 1;
+    Some(slot)
 }
 
 fn submit(submitter: &io_uring::Submitter<'_>, stats: &mut SenderStats, sqes: u64) -> io::Result<()> {
@@ -1246,7 +1399,7 @@ fn submit(submitter: &io_uring::Submitter<'_>, stats: &mut SenderStats, sqes: u6
 impl Drop for Inner {
     fn drop(&mut self) {
         let st = self.state.get_mut();
-        if st.stats.ops_in_flight == 0 {
+        if st.stats.ops_in_flight == 0 && st.stats.zc_held == 0 {
             return;
         }
         // Operations still in flight reference our buffers: shut their sockets down so they
@@ -1263,20 +1416,22 @@ impl Drop for Inner {
         let ts = types::Timespec::new().nsec(10_000_000);
         let args = types::SubmitArgs::new().timespec(&ts);
         for _ in 0..200 {
-            if st.stats.ops_in_flight == 0 {
+            if st.stats.ops_in_flight == 0 && st.stats.zc_held == 0 {
                 break;
             }
             let _ = ring.submitter().submit_with_args(1, &args);
             for cqe in &mut ring.completion() {
-                st.complete(cqe.user_data(), cqe.result(), &self.cfg);
+                st.complete(cqe.user_data(), cqe.result(), cqe.flags(), &self.cfg);
             }
         }
-        if st.stats.ops_in_flight > 0 {
+        if st.stats.ops_in_flight > 0 || st.stats.zc_held > 0 {
             tracing::error!(
                 ops_in_flight = st.stats.ops_in_flight,
-                "sender dropped with operations still in flight; leaking their buffers"
+                zc_held = st.stats.zc_held,
+                "sender dropped with operations or zero-copy notifications still in flight; leaking their buffers"
             );
             std::mem::forget(std::mem::take(&mut st.conns));
+            std::mem::forget(std::mem::take(&mut st.zc_held));
         }
     }
 }

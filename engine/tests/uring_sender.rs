@@ -616,3 +616,75 @@ fn h_registered_pool_goes_out_as_fixed_writes_in_order_with_short_writes_and_mix
     });
     assert_streams(readers, expected);
 }
+
+/// Group `g` of test (i): one large frame (above the zero-copy threshold, some above the
+/// socket's send buffer) shared by both connections, then small frames (below it).
+fn plan_i(g: u32) -> Vec<Vec<u8>> {
+    let large = ZC_MIN_BYTES + (g as usize * 7919) % (100 << 10);
+    let mut group = vec![frame(SHARED, g * 8, large)];
+    group.extend((1..5).map(|k| frame(SHARED, g * 8 + k, 40 + k as usize * 9)));
+    group
+}
+
+const ZC_MIN_BYTES: usize = 32 << 10;
+
+#[test]
+fn i_large_frames_go_out_zero_copy_and_are_held_until_the_kernel_lets_go() {
+    const CONNS: usize = 2;
+    const GROUPS: u32 = 40;
+    let (servers, readers, expected) = streams(CONNS, |_| (0..GROUPS).flat_map(plan_i).flatten().collect());
+    for server in &servers {
+        // A send buffer smaller than some frames: their zero-copy sends are short and resume
+        // inside the same held buffer.
+        let sndbuf: libc::c_int = 64 << 10;
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&raw const sndbuf).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        assert_eq!(rc, 0);
+    }
+    let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
+    on_glommio(move || async move {
+        // Few large slots: a slot released before its notification would be leased again
+        // while the kernel may still read it; released late (or never) the pool runs dry.
+        let pool = pool(&[(256, 256), (256 << 10, 4)]);
+        let cfg = SenderConfig { conns_max: 8, conn_outbound_bytes_max: 8 << 20, send_zc_min_bytes: ZC_MIN_BYTES, ..SenderConfig::default() };
+        let sender = UringSender::new(cfg).unwrap();
+        // SAFETY: the pool outlives the sender (dropped after it at the end of this block).
+        let registered = unsafe { sender.register_pool(&pool.regions()) };
+        let zero_copy = registered && sender.stats().send_zc_supported;
+        let runner = glommio::spawn_local(sender.run());
+        let slots: Vec<_> = servers.iter().map(|s| sender.register(s.as_raw_fd()).unwrap()).collect();
+        for g in 0..GROUPS {
+            let leases: Vec<_> = plan_i(g).iter().map(|bytes| pool.lease_copy(bytes).unwrap()).collect();
+            for &slot in &slots {
+                for lease in &leases {
+                    sender.enqueue(slot, OutBuf::Pooled(lease.clone())).unwrap();
+                }
+            }
+            drop(leases);
+            // The notifications must arrive and be reaped (the eventfd stays armed while
+            // buffers are held), or this never holds.
+            wait_until("group sent and every held buffer released", || {
+                slots.iter().all(|&s| sender.queued_bytes(s) == 0) && sender.stats().zc_held == 0
+            })
+            .await;
+            assert!(pool.stats().classes.iter().all(|c| c.in_use == 0), "a sent buffer is still leased: {:?}", pool.stats());
+        }
+        let st = sender.stats();
+        eprintln!("zero copy ({zero_copy}): {st:?}");
+        assert_eq!(st.bytes_sent_total, total);
+        assert_eq!((st.errors_total, st.conns_dead_total, st.retries_total), (0, 0, 0), "{st:?}");
+        if zero_copy {
+            // Every large frame goes out zero copy, at least once per connection (more when a
+            // send is short and the rest is still above the threshold); small ones never do.
+            assert!(st.zc_sends_total >= u64::from(GROUPS) * CONNS as u64, "{st:?}");
+            assert!(st.zc_sends_total < st.fixed_sends_total, "small frames must be copied: {st:?}");
+        } else {
+            assert_eq!(st.zc_sends_total, 0);
+        }
+        close_and_stop(&sender, &slots, runner).await;
+        drop(servers);
+    });
+    assert_streams(readers, expected);
+}
