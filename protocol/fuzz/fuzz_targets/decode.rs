@@ -8,13 +8,15 @@
 //! - the encoding is canonical: every decoded frame encodes back to the very bytes it came
 //!   from, and those bytes decode again to the same frame;
 //! - splitting the stream differently never changes what is decoded (checked against a
-//!   one-shot decode of the same bytes).
+//!   one-shot decode of the same bytes);
+//! - the borrowed DELIVER decoder (`peek_frame` + `DeliverRef::decode_body`) agrees with
+//!   `decode` on every prefix: same outcome, same error, same fields.
 
 #![no_main]
 
 use bytes::{BufMut, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use switchboard_protocol::{decode, DecodeError, Envelope, Limits};
+use switchboard_protocol::{decode, peek_frame, DecodeError, DeliverRef, Envelope, Frame, FrameType, Limits};
 
 /// A tiny deterministic generator for chunk sizes (xorshift32).
 struct Chunks(u32);
@@ -44,7 +46,10 @@ fn run(stream: &[u8], chunks: &mut Option<Chunks>, limits: &Limits) -> (Vec<Enve
         offset += size;
         loop {
             let before = src.clone();
-            match decode(&mut src, limits) {
+            let borrowed = borrowed_deliver(&before, limits);
+            let decoded = decode(&mut src, limits);
+            check_borrowed(&decoded, &borrowed);
+            match decoded {
                 Ok(Some(envelope)) => {
                     let frame_bytes = before.len() - src.len();
                     assert_eq!(frame_bytes, envelope.frame.encoded_len(), "consumed != encoded_len");
@@ -72,6 +77,36 @@ fn run(stream: &[u8], chunks: &mut Option<Chunks>, limits: &Limits) -> (Vec<Enve
         }
     }
     (frames, None, consumed)
+}
+
+/// What `peek_frame` + `DeliverRef::decode_body` make of the front of `src` (a DELIVER's
+/// fields copied out; `Ok(Some(None))` for a complete frame of another type).
+type Borrowed = Result<Option<Option<(u32, String, u64, u64, u64, u128, String, Vec<u8>)>>, DecodeError>;
+
+fn borrowed_deliver(src: &[u8], limits: &Limits) -> Borrowed {
+    let Some((header, body)) = peek_frame(src, limits)? else { return Ok(None) };
+    if header.frame_type != FrameType::Deliver {
+        return Ok(Some(None));
+    }
+    let d = DeliverRef::decode_body(body)?;
+    Ok(Some(Some((header.correlation, d.session.to_owned(), d.epoch, d.seq, d.timestamp_us, d.trace_id, d.sender.to_owned(), d.payload.to_vec()))))
+}
+
+/// The borrowed DELIVER decoder agrees with `decode`: same outcome, same error, same fields.
+fn check_borrowed(decoded: &Result<Option<Envelope>, DecodeError>, borrowed: &Borrowed) {
+    match (decoded, borrowed) {
+        (Ok(None), Ok(None)) => {}
+        (Ok(Some(envelope)), Ok(Some(Some(fields)))) => {
+            let Frame::Deliver(d) = &envelope.frame else { panic!("borrowed decoded a DELIVER, decode a {:?}", envelope.frame) };
+            let owned = (envelope.correlation, d.session.as_str().to_owned(), d.epoch, d.seq, d.timestamp_us, d.trace_id, d.sender.as_str().to_owned(), d.payload.to_vec());
+            assert_eq!(&owned, fields, "borrowed DELIVER fields differ");
+        }
+        (Ok(Some(envelope)), Ok(Some(None))) => assert!(!matches!(envelope.frame, Frame::Deliver(_))),
+        // A header error is the same error both ways; a body error only for DELIVER.
+        (Err(a), Err(b)) => assert_eq!(a, b, "borrowed decoder gave another error"),
+        (Err(_), Ok(Some(None))) => {}
+        (a, b) => panic!("decode gave {a:?}, the borrowed decoder {b:?}"),
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -639,7 +639,26 @@ pub struct DeliverRef<'a> {
     pub payload: &'a [u8],
 }
 
-impl DeliverRef<'_> {
+impl<'a> DeliverRef<'a> {
+    /// Decodes a DELIVER body (the bytes after the header, as [`peek_frame`] gives them)
+    /// without copying and without taking reference counts: the fields borrow `body`. What a
+    /// subscriber's hot path wants. It accepts and refuses exactly what [`decode`] does for the
+    /// same body, with the same errors (a property test and the fuzzer check this).
+    pub fn decode_body(body: &'a [u8]) -> Result<DeliverRef<'a>, DecodeError> {
+        let mut src = crate::wire::SliceReader::new(body);
+        let deliver = DeliverRef {
+            session: src.id("session")?,
+            epoch: src.u64("epoch")?,
+            seq: src.u64("seq")?,
+            timestamp_us: src.u64("timestamp_us")?,
+            trace_id: src.u128("trace_id")?,
+            sender: src.id("sender")?,
+            payload: src.payload("payload")?,
+        };
+        src.finish()?;
+        Ok(deliver)
+    }
+
     /// Body bytes: the two ids and the payload with their length prefixes, and the fixed fields.
     fn body_bytes(&self) -> usize {
         (1 + self.session.len()) + 8 + 8 + 8 + 16 + (1 + self.sender.len()) + (4 + self.payload.len())
@@ -670,6 +689,16 @@ impl DeliverRef<'_> {
         dst.put_slice(self.payload);
         Ok(())
     }
+}
+
+/// The whole frame at the front of `src`, borrowed: its header and its body, without
+/// consuming anything (the frame is `HEADER_BYTES + header.body_bytes` long). `Ok(None)`: not
+/// all of it is there yet. The header is checked as [`decode`] checks it, with the same errors;
+/// the body is not looked at (see [`DeliverRef::decode_body`]).
+pub fn peek_frame<'a>(src: &'a [u8], limits: &Limits) -> Result<Option<(FrameHeader, &'a [u8])>, DecodeError> {
+    let Some(header) = FrameHeader::peek(src, limits)? else { return Ok(None) };
+    let frame_bytes = HEADER_BYTES + header.body_bytes as usize;
+    Ok(src.get(HEADER_BYTES..frame_bytes).map(|body| (header, body)))
 }
 
 /// Takes one whole frame off the front of `src`, if one is there.

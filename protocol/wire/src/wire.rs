@@ -40,6 +40,65 @@ impl Reader {
     }
 }
 
+/// Reads fields out of one frame body borrowed as a slice: what [`Reader`] does, with the
+/// same checks and the same errors, but the fields borrow the body (no reference counts).
+pub(crate) struct SliceReader<'a> {
+    body: &'a [u8],
+}
+
+impl<'a> SliceReader<'a> {
+    pub(crate) fn new(body: &'a [u8]) -> SliceReader<'a> {
+        SliceReader { body }
+    }
+
+    fn take(&mut self, len: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+        if self.body.len() < len {
+            return Err(DecodeError::Truncated { field });
+        }
+        let (taken, rest) = self.body.split_at(len);
+        self.body = rest;
+        Ok(taken)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let bytes = self.take(N, field)?;
+        let mut out = [0; N];
+        out.copy_from_slice(bytes);
+        Ok(out)
+    }
+
+    pub(crate) fn u64(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        self.array(field).map(u64::from_le_bytes)
+    }
+
+    pub(crate) fn u128(&mut self, field: &'static str) -> Result<u128, DecodeError> {
+        self.array(field).map(u128::from_le_bytes)
+    }
+
+    /// An [`Id`]: u8 length, then UTF-8, at most [`ID_BYTES_MAX`] bytes.
+    pub(crate) fn id(&mut self, field: &'static str) -> Result<&'a str, DecodeError> {
+        let [len] = self.array::<1>(field)?;
+        let len = usize::from(len);
+        if len > ID_BYTES_MAX {
+            return Err(DecodeError::FieldTooLong { field, len, max: ID_BYTES_MAX });
+        }
+        std::str::from_utf8(self.take(len, field)?).map_err(|_| DecodeError::InvalidUtf8 { field })
+    }
+
+    /// A [`Payload`]: u32 length, then the bytes.
+    pub(crate) fn payload(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
+        let len = u32::from_le_bytes(self.array(field)?) as usize;
+        self.take(len, field)
+    }
+
+    pub(crate) fn finish(self) -> Result<(), DecodeError> {
+        match self.body.len() {
+            0 => Ok(()),
+            count => Err(DecodeError::TrailingBytes { count }),
+        }
+    }
+}
+
 /// One field layout.
 pub(crate) trait Codec<T> {
     fn len(value: &T) -> usize;

@@ -454,3 +454,81 @@ proptest! {
         prop_assert_eq!(&ours[..], &frame.to_bytes(correlation).unwrap()[..]);
     }
 }
+
+// ---- the borrowed DELIVER decoder ------------------------------------------------------------
+
+/// `frame` (header and body) decoded both ways: `decode` and `peek_frame` +
+/// `DeliverRef::decode_body` must agree on the outcome, the error and every field.
+fn borrowed_decode_agrees(frame: &[u8]) -> Result<(), TestCaseError> {
+    let limits = Limits::default();
+    let owned = decode(&mut BytesMut::from(frame), &limits);
+    let borrowed = switchboard_protocol::peek_frame(frame, &limits)
+        .and_then(|peeked| peeked.map(|(header, body)| switchboard_protocol::DeliverRef::decode_body(body).map(|d| (header.correlation, d))).transpose());
+    match (owned, borrowed) {
+        (Ok(Some(Envelope { correlation, frame: Frame::Deliver(deliver) })), Ok(Some((ref_correlation, d)))) => {
+            prop_assert_eq!(correlation, ref_correlation);
+            prop_assert_eq!(
+                (deliver.session.as_str(), deliver.epoch, deliver.seq, deliver.timestamp_us, deliver.trace_id, deliver.sender.as_str(), &deliver.payload[..]),
+                (d.session, d.epoch, d.seq, d.timestamp_us, d.trace_id, d.sender, d.payload)
+            );
+        }
+        (Ok(None), Ok(None)) => {}
+        (Err(owned), Err(borrowed)) => prop_assert_eq!(owned, borrowed),
+        (owned, borrowed) => prop_assert!(false, "decode gave {owned:?}, the borrowed decoder {borrowed:?}"),
+    }
+    Ok(())
+}
+
+/// A DELIVER header for a body of `body_bytes`.
+fn deliver_header(body_bytes: usize, correlation: u32) -> Vec<u8> {
+    let mut header = Vec::new();
+    header.put_slice(&switchboard_protocol::MAGIC);
+    header.put_u8(switchboard_protocol::PROTOCOL_VERSION);
+    header.put_u8(FrameType::Deliver as u8);
+    header.put_u32_le(0);
+    header.put_u32_le(body_bytes as u32);
+    header.put_u32_le(correlation);
+    header
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Valid DELIVER frames, and the same with one byte changed, the body cut short or bytes
+    /// appended (the header's length follows the body): both decoders agree on all of them.
+    #[test]
+    fn deliver_ref_decodes_like_decode(
+        correlation in any::<u32>(),
+        frame in deliver(),
+        change in any::<Option<(prop::sample::Index, u8)>>(),
+        cut in any::<Option<prop::sample::Index>>(),
+        extra in vec(any::<u8>(), 0..3),
+    ) {
+        let encoded = frame.to_bytes(correlation).unwrap();
+        let mut body = encoded[switchboard_protocol::HEADER_BYTES..].to_vec();
+        if let Some((at, byte)) = change {
+            let at = at.index(body.len());
+            body[at] = byte;
+        }
+        if let Some(at) = cut {
+            body.truncate(at.index(body.len() + 1));
+        }
+        body.extend_from_slice(&extra);
+        let mut whole = deliver_header(body.len(), correlation);
+        whole.extend_from_slice(&body);
+        borrowed_decode_agrees(&whole)?;
+        // And every prefix of it: incomplete frames are `None` both ways.
+        for len in [0, 1, switchboard_protocol::HEADER_BYTES - 1, switchboard_protocol::HEADER_BYTES, whole.len() - 1] {
+            borrowed_decode_agrees(&whole[..len.min(whole.len())])?;
+        }
+    }
+
+    /// Arbitrary bodies under a DELIVER header, and arbitrary bytes as a whole frame.
+    #[test]
+    fn deliver_ref_agrees_on_arbitrary_bytes(body in vec(any::<u8>(), 0..200), raw in vec(any::<u8>(), 0..64)) {
+        let mut whole = deliver_header(body.len(), 7);
+        whole.extend_from_slice(&body);
+        borrowed_decode_agrees(&whole)?;
+        borrowed_decode_agrees(&raw)?;
+    }
+}
