@@ -87,10 +87,19 @@ struct OwnedSession {
 
 #[derive(Default)]
 struct LocalSubscribers {
-    conns: Vec<ConnId>,
+    conns: Vec<LocalConn>,
     /// Subscriptions sent to the owner and not answered yet: while any is pending, the owner
     /// must keep sending this shard the session's messages.
     pending: u32,
+}
+
+/// A subscribed connection of this shard, with its sender slot, so that fan-out queues on it
+/// without looking the connection up (a closing or closed connection's slot refuses enqueues
+/// itself; a stale one, reused by a later connection, is told apart by its generation).
+#[derive(Clone, Copy)]
+struct LocalConn {
+    conn: ConnId,
+    slot: ConnSlot,
 }
 
 /// A journaled PUBLISH (or conversation event) waiting for its acknowledgement, in journal
@@ -226,7 +235,7 @@ pub struct Shard {
     /// (quanta raw, wall-clock µs) read together; see [`Shard::now_us`].
     wall_anchor: Cell<(u64, u64)>,
     next_conn: Cell<u64>,
-    fanout_scratch: RefCell<Vec<ConnId>>,
+    fanout_scratch: RefCell<Vec<LocalConn>>,
     /// This shard, for tasks it spawns (they must not outlive it).
     me: Weak<Shard>,
     /// Fires when the shard must stop.
@@ -719,7 +728,7 @@ impl Shard {
         let now_unused = {
             let mut state = self.state.borrow_mut();
             let Some(local) = state.local.get_mut(key) else { return };
-            local.conns.retain(|&c| c != conn);
+            local.conns.retain(|c| c.conn != conn);
             let unused = local.conns.is_empty() && local.pending == 0;
             if unused {
                 state.local.remove(key);
@@ -1311,9 +1320,11 @@ impl Shard {
             None => return,
         }
         let mut delivered = 0;
-        for &conn in &conns {
-            if self.send_buf(conn, out.clone()) {
-                delivered += 1;
+        for &LocalConn { conn, slot } in &conns {
+            match self.sender.enqueue(slot, out.clone()) {
+                Ok(()) => delivered += 1,
+                Err(EnqueueError::SlowConsumer) => self.evict_slow_consumer(conn),
+                Err(EnqueueError::Closed) => {}
             }
         }
         conns.clear();
@@ -1457,17 +1468,19 @@ impl Shard {
     fn subscribed(&self, conn: ConnId, correlation: u32, key: SessionKey, plan: &ResumePlan, replay: Vec<Bytes>) {
         let alive = {
             let mut state = self.state.borrow_mut();
-            let still_wanted = state.conns.get(&conn).is_some_and(|entry| entry.subscriptions.contains(&key) && !entry.closing);
+            let wanted_on = state.conns.get(&conn).filter(|entry| entry.subscriptions.contains(&key) && !entry.closing).map(|entry| entry.slot);
             // The entry exists: it counts this answer as pending.
             match state.local.get_mut(&key) {
                 Some(local) => {
                     local.pending = local.pending.saturating_sub(1);
                     // Subscribed, unsubscribed and subscribed again before the first answer:
                     // both answers find it wanted, and it must be listed once.
-                    if still_wanted && !local.conns.contains(&conn) {
-                        local.conns.push(conn);
+                    if let Some(slot) = wanted_on {
+                        if !local.conns.iter().any(|c| c.conn == conn) {
+                            local.conns.push(LocalConn { conn, slot });
+                        }
                     }
-                    still_wanted
+                    wanted_on.is_some()
                 }
                 None => false,
             }
