@@ -1317,7 +1317,10 @@ impl Shard {
         let mut conns = self.fanout_scratch.take();
         match self.state.borrow().local.get(key) {
             Some(local) => conns.extend_from_slice(&local.conns),
-            None => return,
+            None => {
+                self.fanout_scratch.replace(conns);
+                return;
+            }
         }
         let mut delivered = 0;
         for &LocalConn { conn, slot } in &conns {

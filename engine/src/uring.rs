@@ -97,8 +97,10 @@
 //! connection then goes on as after any send, its next send may follow at once) and later a
 //! notification once the kernel no longer reads the pages. Until that notification a clone of
 //! the buffer is *held* (in a bounded table, [`ZC_HELD_MAX`] entries; when it is full, sends
-//! copy), so its pool slot cannot be reused under the kernel. If the kernel refuses a
-//! zero-copy send with `EINVAL` or `EOPNOTSUPP`, the sender stops using them and resends those
+//! copy), so its pool slot cannot be reused under the kernel — which also means a slow
+//! reader's unacknowledged data keeps large pool slots out of use (other frames then fall back
+//! to heap buffers, counted). If the kernel refuses a zero-copy send with `EINVAL`,
+//! `EOPNOTSUPP` or `EFAULT`, the sender stops using them and resends those
 //! bytes by copying.
 //!
 //! # Fixed buffers
@@ -601,7 +603,7 @@ impl State {
             (OP_SEND, Op::Send { bytes, fixed, zc: false }) | (OP_SEND_ZC, Op::Send { bytes, fixed, zc: true }) => {
                 conn.op = Op::Idle;
                 let zc = kind == OP_SEND_ZC;
-                if zc && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP) {
+                if zc && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP | libc::EFAULT) {
                     // The kernel refuses what the probe said it has: copy from now on, and
                     // resend these bytes that way.
                     tracing::warn!(errno = -res, "sender: a SEND_ZC send failed; copying sends from now on");
@@ -1403,7 +1405,10 @@ impl Drop for Inner {
             return;
         }
         // Operations still in flight reference our buffers: shut their sockets down so they
-        // complete now, and wait for them (bounded) before anything is freed.
+        // complete now, and wait for them (bounded) before anything is freed. Buffers held for
+        // zero-copy notifications are waited for too (a shutdown does not hurry those: they
+        // come when the kernel frees the data, so a peer that stopped reading can make this
+        // wait run out; then the buffers are leaked rather than freed under the kernel).
         for conn in &st.conns {
             if conn.op != Op::Idle {
                 if let Some(fd) = &conn.fd {

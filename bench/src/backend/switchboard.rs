@@ -222,7 +222,7 @@ impl SbGateway {
     fn parse(&mut self, sink: &mut dyn FnMut(&[u8])) -> io::Result<()> {
         let limits = Limits::default();
         // DELIVERs (nearly everything a gateway reads) are decoded in place, borrowing the read
-        // buffer (the client crate's `peek_frame` + `DeliverRef::decode_body`: no reference
+        // buffer (the codec's `peek_frame` + `DeliverRef::decode_body`: no reference
         // counts, no copies); anything else, and any error, goes through `decode` below.
         let mut delivered = 0;
         while let Ok(Some((header, body))) = peek_frame(&self.conn.rbuf[delivered..], &limits) {

@@ -465,6 +465,9 @@ fn borrowed_decode_agrees(frame: &[u8]) -> Result<(), TestCaseError> {
     let borrowed = switchboard_protocol::peek_frame(frame, &limits)
         .and_then(|peeked| peeked.map(|(header, body)| switchboard_protocol::DeliverRef::decode_body(body).map(|d| (header.correlation, d))).transpose());
     match (owned, borrowed) {
+        // Arbitrary bytes can form a complete frame of another type: the borrowed decoder is
+        // for DELIVER bodies only.
+        (Ok(Some(Envelope { frame, .. })), _) if !matches!(frame, Frame::Deliver(_)) => {}
         (Ok(Some(Envelope { correlation, frame: Frame::Deliver(deliver) })), Ok(Some((ref_correlation, d)))) => {
             prop_assert_eq!(correlation, ref_correlation);
             prop_assert_eq!(
