@@ -603,20 +603,17 @@ impl State {
             (OP_SEND, Op::Send { bytes, fixed, zc: false }) | (OP_SEND_ZC, Op::Send { bytes, fixed, zc: true }) => {
                 conn.op = Op::Idle;
                 let zc = kind == OP_SEND_ZC;
-                if zc && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP | libc::EFAULT) {
-                    // The kernel refuses what the probe said it has: copy from now on, and
-                    // resend these bytes that way.
-                    tracing::warn!(errno = -res, "sender: a SEND_ZC send failed; copying sends from now on");
-                    self.zc_enabled = false;
-                    self.failed(index, Disposition::Retry, -res, cfg);
-                    self.after_op(index);
-                    return;
-                }
-                if fixed && !zc && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP | libc::EFAULT) {
+                if fixed && matches!(-res, libc::EINVAL | libc::EOPNOTSUPP | libc::EFAULT) {
                     // The kernel refuses what the probe said it has (or our region bookkeeping
-                    // is wrong): stop using fixed buffers and resend these bytes with SendMsg.
-                    tracing::warn!(errno = -res, "sender: a WRITEV_FIXED send failed; sending with sendmsg from now on");
-                    self.fixed_regions = 0;
+                    // is wrong): drop that kind of send for good (a zero-copy one falls back to
+                    // WRITEV_FIXED, a WRITEV_FIXED to SendMsg) and resend these bytes.
+                    let op = if zc { "SEND_ZC" } else { "WRITEV_FIXED" };
+                    tracing::warn!(errno = -res, op, "sender: a send from the registered pool failed; not using that kind of send from now on");
+                    if zc {
+                        self.zc_enabled = false;
+                    } else {
+                        self.fixed_regions = 0;
+                    }
                     self.failed(index, Disposition::Retry, -res, cfg);
                     self.after_op(index);
                     return;

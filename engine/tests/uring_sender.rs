@@ -110,6 +110,15 @@ fn frame(conn: u32, seq: u32, len: usize) -> Vec<u8> {
     v
 }
 
+/// Sets the socket's send buffer (`SO_SNDBUF`, which the kernel doubles).
+fn set_send_buffer(socket: &TcpStream, bytes: libc::c_int) {
+    // SAFETY: a valid socket and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&raw const bytes).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    assert_eq!(rc, 0, "setsockopt(SO_SNDBUF): {}", std::io::Error::last_os_error());
+}
+
 fn pool(classes: &[(usize, usize)]) -> BufferPool {
     BufferPool::new(&PoolConfig {
         classes: classes.iter().map(|&(slot_bytes, slots)| SizeClass { slot_bytes, slots }).collect(),
@@ -559,12 +568,7 @@ fn h_registered_pool_goes_out_as_fixed_writes_in_order_with_short_writes_and_mix
         streams(CONNS as usize, |c| (0..GROUPS).flat_map(|g| plan_h(c, g)).flat_map(|(_, bytes)| bytes).collect());
     for server in &servers {
         // A small send buffer, so that a 1 MiB frame cannot go out in one send.
-        let sndbuf: libc::c_int = 64 << 10;
-        // SAFETY: a valid socket and a c_int option value of the right size.
-        let rc = unsafe {
-            libc::setsockopt(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&raw const sndbuf).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-        };
-        assert_eq!(rc, 0);
+        set_send_buffer(server, 64 << 10);
     }
     let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
     on_glommio(move || async move {
@@ -637,12 +641,7 @@ fn i_large_frames_go_out_zero_copy_and_are_held_until_the_kernel_lets_go() {
         // A send buffer smaller than some frames. (On loopback the readers keep up and the
         // kernel takes each frame whole: a short zero-copy send, which resumes inside the same
         // held buffer, is coded but not reached here.)
-        let sndbuf: libc::c_int = 64 << 10;
-        // SAFETY: a valid socket and a c_int option value of the right size.
-        let rc = unsafe {
-            libc::setsockopt(server.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&raw const sndbuf).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-        };
-        assert_eq!(rc, 0);
+        set_send_buffer(server, 64 << 10);
     }
     let total: u64 = expected.iter().map(|e| e.len() as u64).sum();
     on_glommio(move || async move {
