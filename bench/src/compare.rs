@@ -34,6 +34,12 @@ impl ServerSpec {
         ServerSpec { name: name.into(), binary, extra_args: Vec::new() }
     }
 
+    /// The `loadgen --backend` that drives it: its name, except `floor` (the minimal
+    /// forwarder, `bench/src/bin/floor.rs`), which speaks Redis's pub/sub subset.
+    pub fn backend(&self) -> &str {
+        if self.name == "floor" { "redis" } else { &self.name }
+    }
+
     /// Arguments to listen on 127.0.0.1:`port` and nothing else; `scratch` is a fresh folder
     /// for any state the server keeps on disk (`jetstream`: nats-server `-js` with its store
     /// in `scratch/js`; `switchboard`: `--data-dir scratch`). Then [`ServerSpec::extra_args`].
@@ -42,6 +48,7 @@ impl ServerSpec {
         let mut args: Vec<String> = match self.name.as_str() {
             "nats" => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), p],
             "jetstream" => vec!["-a".into(), "127.0.0.1".into(), "-p".into(), p, "-js".into(), "-sd".into(), scratch.join("js").display().to_string()],
+            "floor" => vec!["--listen".into(), format!("127.0.0.1:{port}")],
             "redis" => ["--bind", "127.0.0.1", "--port", &p, "--save", "", "--appendonly", "no", "--daemonize", "no"]
                 .iter()
                 .map(|s| (*s).to_string())
@@ -549,6 +556,9 @@ mod tests {
 
     #[test]
     fn server_args_are_loopback_only() {
+        assert_eq!(ServerSpec::new("floor", PathBuf::new()).args(4000, Path::new("/tmp/x")).unwrap(), vec!["--listen", "127.0.0.1:4000"]);
+        assert_eq!(ServerSpec::new("floor", PathBuf::new()).backend(), "redis");
+        assert_eq!(ServerSpec::new("nats", PathBuf::new()).backend(), "nats");
         for n in ["nats", "redis", "switchboard", "jetstream"] {
             let a = ServerSpec::new(n, PathBuf::new()).args(4000, Path::new("/tmp/x")).unwrap().join(" ");
             assert!(a.contains("127.0.0.1"), "{n}: {a}");

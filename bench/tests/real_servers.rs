@@ -1,6 +1,6 @@
-//! A tiny real run against nats-server, redis-server and the switchboard engine, each started
-//! here on a free loopback port and stopped by PID. Skipped, with a note, only when the server
-//! binary is not there (CI installs nats-server and redis-server; the engine binary is taken from
+//! A tiny real run against nats-server, redis-server, the switchboard engine and the minimal
+//! forwarder `floor`, each started here on a free loopback port and stopped by PID. Skipped,
+//! with a note, only when the server binary is not there (CI installs nats-server and redis-server; the engine binary is taken from
 //! `$SWITCHBOARD_BIN` or the workspace's target/{release,debug}/switchboard).
 
 use switchboard_bench::backend::BackendKind;
@@ -10,7 +10,11 @@ use switchboard_bench::ackrun::{self, AckSettings};
 use switchboard_bench::run::{run, Settings};
 
 fn tiny_run(name: &str, binary: &str, kind: BackendKind) {
-    let found = if name == "switchboard" { engine_binary() } else { which(binary) };
+    let found = match name {
+        "switchboard" => engine_binary(),
+        "floor" => Some(binary.into()),
+        _ => which(binary),
+    };
     let Some(bin) = found else {
         println!("SKIPPED: {binary} is not there (apt-get install {binary}, or cargo build -p switchboard)");
         return;
@@ -55,6 +59,13 @@ fn nats_tiny_run() {
 #[test]
 fn redis_tiny_run() {
     tiny_run("redis", "redis-server", BackendKind::Redis);
+}
+
+/// The minimal forwarder `compare --servers floor` measures (this package's `floor` binary),
+/// driven as Redis: it must forward exactly too, or its numbers mean nothing.
+#[test]
+fn floor_tiny_run() {
+    tiny_run("floor", env!("CARGO_BIN_EXE_floor"), BackendKind::Redis);
 }
 
 fn engine_binary() -> Option<std::path::PathBuf> {

@@ -31,7 +31,8 @@ struct Args {
     /// Output folder (default bench/out/compare-<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Servers to run, comma separated.
+    /// Servers to run, comma separated: nats, redis, switchboard, and floor (the minimal
+    /// forwarder of `bench/src/bin/floor.rs`: what the kernel alone costs for this workload).
     #[arg(long, default_value = "nats,redis,switchboard", value_delimiter = ',')]
     servers: Vec<String>,
     /// The switchboard server binary (default: `switchboard` next to this binary).
@@ -175,7 +176,7 @@ fn one_run(
     let json = runs_dir.join(format!("{tag}.json"));
     let mut args: Vec<String> = vec![
         "--backend".into(),
-        srv.name.clone(),
+        srv.backend().to_string(),
         "--addr".into(),
         server.addr.clone(),
         "--server-pid".into(),
@@ -301,6 +302,10 @@ fn pick_servers(a: &Args, exe_dir: &Path) -> (Vec<ServerSpec>, Vec<(String, Stri
                 } else {
                     Err(format!("no server binary at {} (cargo build --release -p switchboard)", p.display()))
                 }
+            }
+            "floor" => {
+                let p = exe_dir.join("floor");
+                if p.is_file() { Ok(p) } else { Err(format!("no floor binary at {} (cargo build --release -p switchboard-bench)", p.display())) }
             }
             other => Err(format!("unknown server {other:?}")),
         };
