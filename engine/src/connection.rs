@@ -16,6 +16,7 @@ use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello
 
 use crate::auth::{Identity, Role, OPEN_TENANT};
 use crate::mesh::{ConnId, DeskOp, PublishRequest, SessionKey};
+use crate::phase::{self, Phase};
 use crate::rate::Limited;
 use crate::shard::Shard;
 
@@ -103,8 +104,12 @@ impl Reader {
             }
         }
         while let Some(read) = self.fill().await {
+            let read_started = phase::now();
             loop {
-                match self.next_frame() {
+                let decode_started = phase::now();
+                let next = self.next_frame();
+                phase::add(Phase::Decode, decode_started);
+                match next {
                     Ok(Some((correlation, frame))) => {
                         if let Flow::Close = self.dispatch(correlation, frame).await {
                             return;
@@ -114,6 +119,7 @@ impl Reader {
                     Err(()) => return,
                 }
             }
+            phase::add(Phase::Read, read_started);
             if self.shard.is_closing(self.conn) {
                 return;
             }

@@ -34,7 +34,8 @@
 //!   hosts each tenant's desk on `mesh::tenant_shard(tenant)` and carries out its effects.
 //! - [`timer`]: the hierarchical timer wheel the desks' timers run on.
 //! - [`config`]: every limit, with its default; [`shutdown`]: shutdown as a type; [`notify`]:
-//!   the one-waiter wake-up the shard's background tasks wait on.
+//!   the one-waiter wake-up the shard's background tasks wait on; [`phase`]: time per stretch
+//!   of the publish path, logged at shutdown when built with the `phase-timing` feature.
 
 pub mod auth;
 pub mod config;
@@ -47,6 +48,7 @@ pub mod mesh;
 pub mod notify;
 pub mod metrics;
 pub mod persist;
+pub mod phase;
 pub mod pool;
 pub mod rate;
 pub mod runtime;

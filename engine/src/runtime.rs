@@ -369,6 +369,7 @@ async fn run_shard(wiring: ShardWiring) {
             Err(error) => tracing::error!(shard = index, %error, "journal did not close cleanly; the next start recovers it"),
         }
     }
+    crate::phase::report(index);
     tracing::debug!(shard = index, "stopped");
 }
 

@@ -34,6 +34,7 @@ use crate::journal::{DmaStorage, Health, Journal, JournalError, JournalStats, Re
 use crate::notify::Notify;
 use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
 use crate::persist;
+use crate::phase::{self, Phase};
 use crate::pool::BufferPool;
 use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
@@ -754,7 +755,9 @@ impl Shard {
     pub(crate) async fn publish(&self, request: PublishRequest) {
         let owner = request.key.shard(self.shards);
         if owner == self.index {
+            let started = phase::now();
             self.owner_publish(self.index, &request);
+            phase::add(Phase::Publish, started);
             self.wait_for_event_links().await;
         } else {
             self.request(owner, Request::Publish(request)).await;
@@ -902,6 +905,7 @@ impl Shard {
         let PublishRequest { conn, correlation, ref key, client_msg_id, trace_id, ref sender, ref payload, ingress_raw } = *request;
         let mode = self.durability_of(&key.tenant);
         let journal = mode.journal().zip(self.journal.as_ref());
+        let sequence_started = phase::now();
         let timestamp_us = self.now_us();
         let mut state = self.state.borrow_mut();
         let owned = match self.session_mut(&mut state, key, timestamp_us / 1000) {
@@ -941,6 +945,7 @@ impl Shard {
                 return self.reply(origin, Event::Failed { conn, correlation, code, message });
             }
         };
+        phase::add(Phase::Sequence, sequence_started);
         let epoch = owned.session.epoch();
         let visible_seq = owned.session.visible_seq();
         let wire_durability = mode.wire();
@@ -973,14 +978,18 @@ impl Shard {
                 // Copied out of the ring (into a pool buffer, and one heap copy if other
                 // shards subscribe) before anything is sent: sending may close a slow consumer,
                 // and nothing reached from there may find the ring borrowed.
+                let fanout_started = phase::now();
                 let interest = owned.interest;
                 let copies = self.copy_for_fanout(interest, owned.session.last_frame(&history).unwrap_or_default());
                 drop((state, history));
                 self.count(|c| c.publishes_total += 1);
                 let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
                 self.fanout_copies(key, copies, ingress_raw);
+                let ack_started = phase::now();
+                phase::add(Phase::Fanout, fanout_started);
                 let session = key.session.clone();
                 self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability });
+                phase::add(Phase::Ack, ack_started);
             }
             PublishOutcome::Duplicate(_) if seq > visible_seq => {
                 // The original is still waiting for the journal: answer after it.

@@ -129,6 +129,7 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use crate::notify::Notify;
+use crate::phase::{self, Phase};
 use crate::pool::{Lease, LeaseMut};
 
 /// One outbound buffer. A message encoded once is queued as clones of the same `Pooled`
@@ -1113,11 +1114,13 @@ impl UringSender {
             // costs no syscall, and under load it is what keeps completions flowing: glommio
             // only polls its own ring (where the eventfd read waits) when its task queues run
             // dry or its preempt timer fires, which a busy shard may not do for up to 100 ms.
+            let turn_started = phase::now();
             self.reap_completions();
             let deferred = self.flush_turn();
             if self.settle() {
                 self.inner.flush_wake.notify();
             }
+            phase::add(Phase::Flush, turn_started);
             if deferred {
                 // A submit failed (EAGAIN/EBUSY: the kernel is short of memory or has
                 // completions to post). Back off briefly on a timer rather than yielding:
