@@ -50,6 +50,7 @@ impl Phase {
 mod imp {
     use super::Phase;
     use std::cell::RefCell;
+    use std::fmt::Write as _;
 
     struct Totals {
         clock: quanta::Clock,
@@ -88,7 +89,7 @@ mod imp {
             for phase in Phase::ALL {
                 let (ticks, count) = t.sums[phase as usize];
                 let ns = t.clock.delta_as_nanos(0, ticks);
-                line += &format!(" {}: {} x {} ns;", phase.name(), count, ns.checked_div(count).unwrap_or(0));
+                let _ = write!(line, " {}: {} x {} ns;", phase.name(), count, ns.checked_div(count).unwrap_or(0));
             }
             line
         });
@@ -100,26 +101,26 @@ mod imp {
 mod imp {
     use super::Phase;
 
-    #[inline(always)]
+    #[inline]
     pub fn now() -> u64 {
         0
     }
 
-    #[inline(always)]
+    #[inline]
     pub fn add(_phase: Phase, _since: u64) {}
 
-    #[inline(always)]
+    #[inline]
     pub fn report(_shard: usize) {}
 }
 
 /// A start mark for [`add`] (0 without the feature).
-#[inline(always)]
+#[inline]
 pub fn now() -> u64 {
     imp::now()
 }
 
 /// Adds the time since `since` (from [`now`]) to `phase`.
-#[inline(always)]
+#[inline]
 pub fn add(phase: Phase, since: u64) {
     imp::add(phase, since);
 }
