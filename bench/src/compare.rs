@@ -42,7 +42,8 @@ impl ServerSpec {
 
     /// Arguments to listen on 127.0.0.1:`port` and nothing else; `scratch` is a fresh folder
     /// for any state the server keeps on disk (`jetstream`: nats-server `-js` with its store
-    /// in `scratch/js`; `switchboard`: `--data-dir scratch`). Then [`ServerSpec::extra_args`].
+    /// in `scratch/js`; `switchboard`: `--data-dir scratch`; `floor`: `--listen` only). Then
+    /// [`ServerSpec::extra_args`].
     pub fn args(&self, port: u16, scratch: &Path) -> io::Result<Vec<String>> {
         let p = port.to_string();
         let mut args: Vec<String> = match self.name.as_str() {

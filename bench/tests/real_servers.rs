@@ -1,7 +1,8 @@
 //! A tiny real run against nats-server, redis-server, the switchboard engine and the minimal
 //! forwarder `floor`, each started here on a free loopback port and stopped by PID. Skipped,
-//! with a note, only when the server binary is not there (CI installs nats-server and redis-server; the engine binary is taken from
-//! `$SWITCHBOARD_BIN` or the workspace's target/{release,debug}/switchboard).
+//! with a note, only when the server binary is not there (CI installs nats-server and
+//! redis-server; the engine binary is taken from `$SWITCHBOARD_BIN` or the workspace's
+//! target/{release,debug}/switchboard; `floor` is built with these tests).
 
 use switchboard_bench::backend::BackendKind;
 use switchboard_bench::compare::{which, RunningServer, ServerSpec};
@@ -127,4 +128,47 @@ fn switchboard_tiny_ack_run() {
     // Until the journal is wired the engine acknowledges from memory.
     let claim = std::env::var("SWITCHBOARD_ACK_CLAIM").unwrap_or_else(|_| "memory".into());
     tiny_ack_run("switchboard", "switchboard", BackendKind::Switchboard, &claim);
+}
+
+/// A subscriber that stops reading makes `floor`'s writes to it short: once it reads again,
+/// everything arrives whole and in order (the EPOLLOUT path), and the publisher got every reply.
+#[test]
+fn floor_keeps_a_stalled_readers_backlog_whole() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    const MESSAGES: usize = 20_000;
+    const PAYLOAD_BYTES: usize = 1000;
+    let log = std::env::temp_dir().join(format!("switchboard-bench-test-floor-backlog-{}.log", std::process::id()));
+    let server = RunningServer::start(&ServerSpec::new("floor", env!("CARGO_BIN_EXE_floor").into()), None, &log).expect("floor starts");
+    // A stall would otherwise hang the test: it fails instead.
+    let stall = Some(std::time::Duration::from_secs(20));
+    let mut subscriber = TcpStream::connect(&server.addr).unwrap();
+    subscriber.set_read_timeout(stall).unwrap();
+    subscriber.write_all(b"*2\r\n$9\r\nSUBSCRIBE\r\n$3\r\ns.1\r\n").unwrap();
+    let confirmation = b"*3\r\n$9\r\nsubscribe\r\n$3\r\ns.1\r\n:1\r\n";
+    let mut got = vec![0; confirmation.len()];
+    subscriber.read_exact(&mut got).unwrap();
+    assert_eq!(got, confirmation);
+
+    // 20 MB while the subscriber does not read: more than both sockets' buffers hold.
+    let payload = |i: usize| format!("{i:0width$}", width = PAYLOAD_BYTES).into_bytes();
+    let mut publisher = TcpStream::connect(&server.addr).unwrap();
+    publisher.set_read_timeout(stall).unwrap();
+    let mut expected = Vec::with_capacity(MESSAGES * (PAYLOAD_BYTES + 40));
+    for i in 0..MESSAGES {
+        let body = payload(i);
+        publisher.write_all(format!("*3\r\n$7\r\nPUBLISH\r\n$3\r\ns.1\r\n${}\r\n", body.len()).as_bytes()).unwrap();
+        publisher.write_all(&body).unwrap();
+        publisher.write_all(b"\r\n").unwrap();
+        expected.extend_from_slice(format!("*3\r\n$7\r\nmessage\r\n$3\r\ns.1\r\n${}\r\n", body.len()).as_bytes());
+        expected.extend_from_slice(&body);
+        expected.extend_from_slice(b"\r\n");
+    }
+    let mut replies = vec![0; MESSAGES * 4];
+    publisher.read_exact(&mut replies).unwrap();
+    assert!(replies.chunks(4).all(|r| r == b":1\r\n"), "every PUBLISH answered :1");
+
+    let mut delivered = vec![0; expected.len()];
+    subscriber.read_exact(&mut delivered).unwrap();
+    assert!(delivered == expected, "the backlog arrived whole and in order");
 }

@@ -104,11 +104,13 @@ impl Reader {
             }
         }
         while let Some(read) = self.fill().await {
-            let read_started = phase::now();
+            let handle_started = phase::now();
             loop {
                 let decode_started = phase::now();
                 let next = self.next_frame();
-                phase::add(Phase::Decode, decode_started);
+                if matches!(next, Ok(Some(_))) {
+                    phase::lap(Phase::Decode, decode_started);
+                }
                 match next {
                     Ok(Some((correlation, frame))) => {
                         if let Flow::Close = self.dispatch(correlation, frame).await {
@@ -119,7 +121,7 @@ impl Reader {
                     Err(()) => return,
                 }
             }
-            phase::add(Phase::Read, read_started);
+            phase::lap(Phase::Handle, handle_started);
             if self.shard.is_closing(self.conn) {
                 return;
             }

@@ -757,7 +757,7 @@ impl Shard {
         if owner == self.index {
             let started = phase::now();
             self.owner_publish(self.index, &request);
-            phase::add(Phase::Publish, started);
+            phase::lap(Phase::Publish, started);
             self.wait_for_event_links().await;
         } else {
             self.request(owner, Request::Publish(request)).await;
@@ -945,7 +945,7 @@ impl Shard {
                 return self.reply(origin, Event::Failed { conn, correlation, code, message });
             }
         };
-        phase::add(Phase::Sequence, sequence_started);
+        phase::lap(Phase::Sequence, sequence_started);
         let epoch = owned.session.epoch();
         let visible_seq = owned.session.visible_seq();
         let wire_durability = mode.wire();
@@ -985,11 +985,10 @@ impl Shard {
                 self.count(|c| c.publishes_total += 1);
                 let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
                 self.fanout_copies(key, copies, ingress_raw);
-                let ack_started = phase::now();
-                phase::add(Phase::Fanout, fanout_started);
+                let ack_started = phase::lap(Phase::Fanout, fanout_started);
                 let session = key.session.clone();
                 self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability });
-                phase::add(Phase::Ack, ack_started);
+                phase::lap(Phase::Ack, ack_started);
             }
             PublishOutcome::Duplicate(_) if seq > visible_seq => {
                 // The original is still waiting for the journal: answer after it.

@@ -1120,7 +1120,7 @@ impl UringSender {
             if self.settle() {
                 self.inner.flush_wake.notify();
             }
-            phase::add(Phase::Flush, turn_started);
+            phase::lap(Phase::Flush, turn_started);
             if deferred {
                 // A submit failed (EAGAIN/EBUSY: the kernel is short of memory or has
                 // completions to post). Back off briefly on a timer rather than yielding:

@@ -16,10 +16,12 @@ use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 
-/// Bytes read per `read` call.
-const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// A connection whose unparsed input grows past this is closed (no command here is this big).
-const INPUT_MAX_BYTES: usize = 1 << 20;
+/// Bytes read per `read` call (Redis 7.0's `PROTO_IOBUF_LEN`).
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Largest bulk string accepted, in bytes.
+const BULK_MAX_BYTES: usize = 1 << 20;
+/// A connection whose unparsed input grows past this is closed (room for one largest command).
+const INPUT_MAX_BYTES: usize = 2 * BULK_MAX_BYTES + 4096;
 /// A connection whose unsent output grows past this is closed (a reader that stopped).
 const OUTPUT_MAX_BYTES: usize = 64 << 20;
 /// Arguments per command accepted.
@@ -40,6 +42,8 @@ struct Conn {
     stream: TcpStream,
     input: Vec<u8>,
     output: Vec<u8>,
+    /// Bytes of `output` already written (compacted when all of it is).
+    written: usize,
     /// Channels this connection subscribed (for the subscribe reply's count).
     subscriptions: usize,
     /// Already in the dirty list of this turn.
@@ -84,14 +88,23 @@ fn main() -> io::Result<()> {
             let token = ev.u64;
             if token == listener_token {
                 while let Ok((stream, _)) = listener.accept() {
-                    stream.set_nonblocking(true)?;
-                    stream.set_nodelay(true)?;
                     let id = conns.iter().position(Option::is_none).unwrap_or_else(|| {
                         conns.push(None);
                         conns.len() - 1
                     });
-                    epoll_ctl(ep, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), EPOLLIN, id as u64)?;
-                    conns[id] = Some(Conn { stream, input: Vec::new(), output: Vec::new(), subscriptions: 0, dirty: false, want_write: false });
+                    // A connection that cannot be set up is dropped; the server carries on.
+                    let ready = stream.set_nonblocking(true).and_then(|()| stream.set_nodelay(true));
+                    if ready.and_then(|()| epoll_ctl(ep, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), EPOLLIN, id as u64)).is_ok() {
+                        conns[id] = Some(Conn {
+                            stream,
+                            input: Vec::new(),
+                            output: Vec::new(),
+                            written: 0,
+                            subscriptions: 0,
+                            dirty: false,
+                            want_write: false,
+                        });
+                    }
                 }
                 continue;
             }
@@ -128,29 +141,38 @@ fn main() -> io::Result<()> {
             }
         }
         for id in dirty.drain(..) {
-            let Some(conn) = conns[id].as_mut() else { continue };
-            conn.dirty = false;
-            let mut failed = conn.output.len() > OUTPUT_MAX_BYTES;
-            if !failed && !conn.output.is_empty() {
-                match conn.stream.write(&conn.output) {
-                    Ok(k) => {
-                        conn.output.drain(..k);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => failed = true,
+            write_once(ep, &mut conns, &mut channels, id);
+        }
+    }
+}
+
+/// One `write` of what connection `id` has pending (once per wake-up, as Redis does); closes
+/// it on an error or when a reader let its backlog pass [`OUTPUT_MAX_BYTES`].
+fn write_once(ep: i32, conns: &mut [Option<Conn>], channels: &mut HashMap<Vec<u8>, Vec<usize>>, id: usize) {
+    let Some(conn) = conns[id].as_mut() else { return };
+    conn.dirty = false;
+    let mut failed = conn.output.len() - conn.written > OUTPUT_MAX_BYTES;
+    if !failed && conn.written < conn.output.len() {
+        match conn.stream.write(&conn.output[conn.written..]) {
+            Ok(k) => {
+                conn.written += k;
+                if conn.written == conn.output.len() {
+                    conn.output.clear();
+                    conn.written = 0;
                 }
             }
-            if failed {
-                close(ep, &mut conns, &mut channels, id);
-                continue;
-            }
-            let want_write = !conn.output.is_empty();
-            if want_write != conn.want_write {
-                conn.want_write = want_write;
-                let interest = if want_write { EPOLLIN | EPOLLOUT } else { EPOLLIN };
-                epoll_ctl(ep, libc::EPOLL_CTL_MOD, conn.stream.as_raw_fd(), interest, id as u64)?;
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => failed = true,
         }
+    }
+    let want_write = conn.written < conn.output.len();
+    if !failed && want_write != conn.want_write {
+        conn.want_write = want_write;
+        let interest = if want_write { EPOLLIN | EPOLLOUT } else { EPOLLIN };
+        failed = epoll_ctl(ep, libc::EPOLL_CTL_MOD, conn.stream.as_raw_fd(), interest, id as u64).is_err();
+    }
+    if failed {
+        close(ep, conns, channels, id);
     }
 }
 
@@ -219,17 +241,18 @@ fn handle_input(
                             mark_dirty(conns, dirty, s);
                         }
                     }
-                    let reply = format!(":{}\r\n", subscribers.len());
-                    reply_to(conns, dirty, id, reply.as_bytes());
+                    let mut reply = [0u8; 24];
+                    reply_to(conns, dirty, id, integer_reply(&mut reply, subscribers.len()));
                 } else if name.eq_ignore_ascii_case(b"SUBSCRIBE") && args.len() >= 2 {
                     for i in 1..args.len() {
                         let channel = arg(i);
                         let list = channels.entry(channel.to_vec()).or_default();
-                        if !list.contains(&id) {
+                        let new = !list.contains(&id);
+                        if new {
                             list.push(id);
                         }
                         let conn = conns[id].as_mut().expect("open");
-                        conn.subscriptions += 1;
+                        conn.subscriptions += usize::from(new);
                         let mut reply = b"*3\r\n$9\r\nsubscribe\r\n".to_vec();
                         bulk(&mut reply, channel);
                         reply.extend_from_slice(format!(":{}\r\n", conn.subscriptions).as_bytes());
@@ -238,7 +261,7 @@ fn handle_input(
                 } else if name.eq_ignore_ascii_case(b"PING") {
                     reply_to(conns, dirty, id, b"+PONG\r\n");
                 } else {
-                    reply_to(conns, dirty, id, b"-ERR floor knows SUBSCRIBE, PUBLISH and PING only\r\n");
+                    reply_to(conns, dirty, id, b"-ERR floor knows SUBSCRIBE ch.., PUBLISH ch msg and PING only\r\n");
                 }
             }
         }
@@ -270,7 +293,7 @@ fn parse_command(buf: &[u8], args: &mut Vec<(usize, usize)>) -> Result<Option<us
     }
     for _ in 0..count {
         let Some((len, start)) = parse_line_number(buf, at, b'$')? else { return Ok(None) };
-        if len > INPUT_MAX_BYTES {
+        if len > BULK_MAX_BYTES {
             return Err(());
         }
         if buf.len() < start + len + 2 {
@@ -294,7 +317,52 @@ fn parse_line_number(buf: &[u8], at: usize, prefix: u8) -> Result<Option<(usize,
     let Some(end) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
         return if buf.len() - at > 24 { Err(()) } else { Ok(None) };
     };
-    let digits = std::str::from_utf8(&buf[at + 1..at + end]).map_err(|_| ())?;
-    let n: usize = digits.parse().map_err(|_| ())?;
+    let digits = &buf[at + 1..at + end];
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(());
+    }
+    let n = digits.iter().fold(0_usize, |n, d| n * 10 + usize::from(d - b'0'));
     Ok(Some((n, at + end + 2)))
+}
+
+/// `:n\r\n` in `buf`.
+fn integer_reply(buf: &mut [u8; 24], n: usize) -> &[u8] {
+    let mut w = &mut buf[..];
+    let _ = write!(w, ":{n}\r\n");
+    let len = 24 - w.len();
+    &buf[..len]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_is_parsed_only_once_complete_whatever_the_cut() {
+        let wire = b"*3\r\n$7\r\nPUBLISH\r\n$3\r\ns.1\r\n$5\r\nhe\r\no\r\n";
+        let mut args = Vec::new();
+        for cut in 0..wire.len() {
+            assert_eq!(parse_command(&wire[..cut], &mut args), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(parse_command(wire, &mut args), Ok(Some(wire.len())));
+        let arg = |i: usize| &wire[args[i].0..args[i].1];
+        assert_eq!((arg(0), arg(1), arg(2)), (&b"PUBLISH"[..], &b"s.1"[..], &b"he\r\no"[..]));
+    }
+
+    #[test]
+    fn malformed_commands_are_refused() {
+        let mut args = Vec::new();
+        for bad in [&b"PING\r\n"[..], b"*0\r\n", b"*1\r\n+OK\r\n", b"*1\r\n$+4\r\nPING\r\n", b"*1\r\n$-1\r\n", b"*1\r\n$4\r\nPINGxx", b"*99999999999999999999\r\n", b"*1\r\n$2000000\r\n"] {
+            assert_eq!(parse_command(bad, &mut args), Err(()), "{}", String::from_utf8_lossy(bad));
+        }
+        // A count line that never ends is refused once it is longer than any number.
+        assert_eq!(parse_command(b"*1111111111111111111111111", &mut args), Err(()));
+    }
+
+    #[test]
+    fn integer_replies() {
+        let mut buf = [0u8; 24];
+        assert_eq!(integer_reply(&mut buf, 0), b":0\r\n");
+        assert_eq!(integer_reply(&mut buf, usize::MAX), format!(":{}\r\n", usize::MAX).as_bytes());
+    }
 }
