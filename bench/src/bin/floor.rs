@@ -73,7 +73,7 @@ fn main() -> io::Result<()> {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_WAIT as usize];
     let mut dirty: Vec<usize> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK_BYTES];
-    let mut message = Vec::new();
+    let mut scratch = Scratch::default();
     loop {
         // SAFETY: `events` outlives the call and its length is passed.
         let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), EVENTS_PER_WAIT, -1) };
@@ -130,7 +130,7 @@ fn main() -> io::Result<()> {
                 continue;
             }
             let input = std::mem::take(&mut conns[id].as_mut().expect("open").input);
-            let (used, ok) = handle_input(&input, id, &mut conns, &mut channels, &mut dirty, &mut message);
+            let (used, ok) = handle_input(&input, id, &mut conns, &mut channels, &mut dirty, &mut scratch);
             if !ok {
                 close(ep, &mut conns, &mut channels, id);
                 continue;
@@ -205,6 +205,15 @@ fn close(ep: i32, conns: &mut [Option<Conn>], channels: &mut HashMap<Vec<u8>, Ve
     }
 }
 
+/// Buffers reused across reads (no allocation per command).
+#[derive(Default)]
+struct Scratch {
+    /// The current command's arguments, as ranges into the input.
+    args: Vec<(usize, usize)>,
+    /// The `message` frame of the current PUBLISH, copied to each subscriber.
+    message: Vec<u8>,
+}
+
 /// Runs every complete command in `input` for connection `id`; returns the bytes consumed and
 /// whether the connection may stay (false on a protocol error).
 fn handle_input(
@@ -213,12 +222,12 @@ fn handle_input(
     conns: &mut [Option<Conn>],
     channels: &mut HashMap<Vec<u8>, Vec<usize>>,
     dirty: &mut Vec<usize>,
-    message: &mut Vec<u8>,
+    scratch: &mut Scratch,
 ) -> (usize, bool) {
+    let Scratch { args, message } = scratch;
     let mut at = 0;
-    let mut args: Vec<(usize, usize)> = Vec::new();
     loop {
-        match parse_command(&input[at..], &mut args) {
+        match parse_command(&input[at..], args) {
             Ok(None) => return (at, true),
             Err(()) => return (at, false),
             Ok(Some(used)) => {
@@ -275,10 +284,10 @@ fn reply_to(conns: &mut [Option<Conn>], dirty: &mut Vec<usize>, id: usize, bytes
     mark_dirty(conns, dirty, id);
 }
 
+/// `$len\r\nbytes\r\n` appended to `out` (no allocation beyond `out`'s own growth: this runs
+/// twice per PUBLISH).
 fn bulk(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.push(b'$');
-    out.extend_from_slice(bytes.len().to_string().as_bytes());
-    out.extend_from_slice(b"\r\n");
+    let _ = write!(out, "${}\r\n", bytes.len());
     out.extend_from_slice(bytes);
     out.extend_from_slice(b"\r\n");
 }
