@@ -874,6 +874,12 @@ pub struct UringConfig {
     /// fan-out it never did (60 KB frames cost 1.2-1.3x the CPU of copying), because loopback
     /// copies at delivery anyway. For real NICs, where it can pay, try 32768.
     pub send_zc_min_bytes: usize,
+    /// Largest fan-out frame, in bytes, that is copied into each subscriber connection's
+    /// gathering buffer (one contiguous iovec per send, as replies are) instead of being
+    /// queued as the one shared pool buffer; 0: always share. Measured on loopback
+    /// (bench/RESULTS.md, session 9): the kernel's per-iovec cost of a gathered send is larger
+    /// than copying a small frame, so small chat messages are copied and large frames shared.
+    pub fanout_copy_bytes_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -947,7 +953,7 @@ impl Default for UringConfig {
         // 512 buffers of a 128 B chat message are 64 KiB per sendmsg: large enough that one
         // submission per loop turn keeps up with a busy gateway connection (64 capped a
         // connection at 64 frames per turn and cut busy publishers off as slow consumers).
-        UringConfig { ring_entries: 1024, iov_per_send_max: 512, send_zc_min_bytes: 0 }
+        UringConfig { ring_entries: 1024, iov_per_send_max: 512, send_zc_min_bytes: 0, fanout_copy_bytes_max: 512 }
     }
 }
 
@@ -1037,6 +1043,9 @@ impl Config {
         }
         if self.uring.iov_per_send_max == 0 || self.uring.iov_per_send_max > 1024 {
             return invalid("uring.iov_per_send_max", "must be between 1 and 1024 (IOV_MAX)");
+        }
+        if self.uring.fanout_copy_bytes_max > crate::shard::GATHER_BUFFER_BYTES {
+            return invalid("uring.fanout_copy_bytes_max", "must be at most 2048 (one gathering buffer)");
         }
         if !(50..=100_000).contains(&self.server.io_poll_interval_us) {
             return invalid("server.io_poll_interval_us", "must be between 50 and 100000");
@@ -1137,6 +1146,12 @@ mod tests {
         config.limits.payload_bytes_max = config.limits.frame_body_bytes_max;
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("limits.payload_bytes_max"), "{error}");
+        let mut config = Config::default();
+        config.uring.fanout_copy_bytes_max = crate::shard::GATHER_BUFFER_BYTES + 1;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("uring.fanout_copy_bytes_max"), "{error}");
+        config.uring.fanout_copy_bytes_max = 0;
+        config.validate().unwrap();
     }
 
     #[test]

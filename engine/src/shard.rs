@@ -35,7 +35,7 @@ use crate::notify::Notify;
 use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
 use crate::persist;
 use crate::phase::{self, Phase};
-use crate::pool::BufferPool;
+use crate::pool::{BufferPool, LeaseMut};
 use crate::session::{PublishOutcome, ResumePlan, Session};
 use crate::shutdown::Latch;
 use crate::uring::{ConnSlot, EnqueueError, OutBuf, UringSender};
@@ -532,10 +532,7 @@ impl Shard {
             Some(entry) if !entry.closing => entry.slot,
             _ => return true,
         };
-        // Only a slot of the gathering size: under pressure the pool would hand out a larger
-        // class, which fan-out frames need more.
-        let fresh = || self.pool.lease(GATHER_BUFFER_BYTES).ok().filter(|lease| lease.capacity() <= GATHER_BUFFER_BYTES);
-        match self.sender.enqueue_gathered(slot, frame, fresh) {
+        match self.sender.enqueue_gathered(slot, frame, || self.gather_lease()) {
             Ok(gathered) => gathered,
             Err(EnqueueError::SlowConsumer) => {
                 self.evict_slow_consumer(conn);
@@ -543,6 +540,12 @@ impl Shard {
             }
             Err(EnqueueError::Closed) => true,
         }
+    }
+
+    /// A buffer to gather small frames into. Only a slot of the gathering size: under pressure
+    /// the pool would hand out a larger class, which large fan-out frames need more.
+    fn gather_lease(&self) -> Option<LeaseMut> {
+        self.pool.lease(GATHER_BUFFER_BYTES).ok().filter(|lease| lease.capacity() <= GATHER_BUFFER_BYTES)
     }
 
     /// Queues an encoded buffer on a connection; a connection over its outbound limit is
@@ -1331,8 +1334,21 @@ impl Shard {
             }
         }
         let mut delivered = 0;
+        let frame = out.as_slice();
+        // A small frame is copied into each subscriber's gathering buffer: a send then carries
+        // one contiguous iovec instead of one per frame, which costs the kernel more than the
+        // copy (bench/RESULTS.md, session 9). A large one is shared by every subscriber.
+        let copy = frame.len() <= self.config.uring.fanout_copy_bytes_max;
         for &LocalConn { conn, slot } in &conns {
-            match self.sender.enqueue(slot, out.clone()) {
+            let queued = if copy {
+                self.sender.enqueue_gathered(slot, frame, || self.gather_lease()).and_then(|gathered| match gathered {
+                    true => Ok(()),
+                    false => self.sender.enqueue(slot, out.clone()),
+                })
+            } else {
+                self.sender.enqueue(slot, out.clone())
+            };
+            match queued {
                 Ok(()) => delivered += 1,
                 Err(EnqueueError::SlowConsumer) => self.evict_slow_consumer(conn),
                 Err(EnqueueError::Closed) => {}
@@ -1528,7 +1544,7 @@ const WALL_REANCHOR_NS: u64 = 1_000_000_000;
 const GATHERED_FRAME_BYTES_MAX: usize = 256;
 
 /// The pool buffer small frames are gathered into (the 2 KiB class by default).
-const GATHER_BUFFER_BYTES: usize = 2048;
+pub(crate) const GATHER_BUFFER_BYTES: usize = 2048;
 
 /// A frame copied for its fan-out (see `Shard::copy_for_fanout`).
 struct FanoutCopies {
