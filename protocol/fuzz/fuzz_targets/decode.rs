@@ -9,14 +9,15 @@
 //!   from, and those bytes decode again to the same frame;
 //! - splitting the stream differently never changes what is decoded (checked against a
 //!   one-shot decode of the same bytes);
-//! - the borrowed DELIVER decoder (`peek_frame` + `DeliverRef::decode_body`) agrees with
-//!   `decode` on every prefix: same outcome, same error, same fields.
+//! - the borrowed DELIVER and PUBLISH decoders (`peek_frame` + `DeliverRef::decode_body` /
+//!   `PublishRef::decode_body`) agree with `decode` on every prefix: same outcome, same error,
+//!   same fields.
 
 #![no_main]
 
 use bytes::{BufMut, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use switchboard_protocol::{decode, peek_frame, DecodeError, DeliverRef, Envelope, Frame, FrameType, Limits};
+use switchboard_protocol::{decode, peek_frame, DecodeError, DeliverRef, Envelope, Frame, FrameType, Limits, PublishRef};
 
 /// A tiny deterministic generator for chunk sizes (xorshift32).
 struct Chunks(u32);
@@ -47,8 +48,10 @@ fn run(stream: &[u8], chunks: &mut Option<Chunks>, limits: &Limits) -> (Vec<Enve
         loop {
             let before = src.clone();
             let borrowed = borrowed_deliver(&before, limits);
+            let publish = borrowed_publish(&before, limits);
             let decoded = decode(&mut src, limits);
             check_borrowed(&decoded, &borrowed);
+            check_publish(&decoded, &publish);
             match decoded {
                 Ok(Some(envelope)) => {
                     let frame_bytes = before.len() - src.len();
@@ -106,6 +109,35 @@ fn check_borrowed(decoded: &Result<Option<Envelope>, DecodeError>, borrowed: &Bo
         (Err(a), Err(b)) => assert_eq!(a, b, "borrowed decoder gave another error"),
         (Err(_), Ok(Some(None))) => {}
         (a, b) => panic!("decode gave {a:?}, the borrowed decoder {b:?}"),
+    }
+}
+
+/// What `peek_frame` + `PublishRef::decode_body` make of the front of `src` (a PUBLISH's
+/// fields copied out; `Ok(Some(None))` for a complete frame of another type).
+type BorrowedPublish = Result<Option<Option<(u32, String, u64, u128, String, Vec<u8>)>>, DecodeError>;
+
+fn borrowed_publish(src: &[u8], limits: &Limits) -> BorrowedPublish {
+    let Some((header, body)) = peek_frame(src, limits)? else { return Ok(None) };
+    if header.frame_type != FrameType::Publish {
+        return Ok(Some(None));
+    }
+    let p = PublishRef::decode_body(body)?;
+    Ok(Some(Some((header.correlation, p.session.to_owned(), p.client_msg_id, p.trace_id, p.sender.to_owned(), p.payload.to_vec()))))
+}
+
+/// The borrowed PUBLISH decoder agrees with `decode`: same outcome, same error, same fields.
+fn check_publish(decoded: &Result<Option<Envelope>, DecodeError>, borrowed: &BorrowedPublish) {
+    match (decoded, borrowed) {
+        (Ok(None), Ok(None)) => {}
+        (Ok(Some(envelope)), Ok(Some(Some(fields)))) => {
+            let Frame::Publish(p) = &envelope.frame else { panic!("borrowed decoded a PUBLISH, decode a {:?}", envelope.frame) };
+            let owned = (envelope.correlation, p.session.as_str().to_owned(), p.client_msg_id, p.trace_id, p.sender.as_str().to_owned(), p.payload.to_vec());
+            assert_eq!(&owned, fields, "borrowed PUBLISH fields differ");
+        }
+        (Ok(Some(envelope)), Ok(Some(None))) => assert!(!matches!(envelope.frame, Frame::Publish(_))),
+        (Err(a), Err(b)) => assert_eq!(a, b, "borrowed decoder gave another error"),
+        (Err(_), Ok(Some(None))) => {}
+        (a, b) => panic!("decode gave {a:?}, the borrowed PUBLISH decoder {b:?}"),
     }
 }
 

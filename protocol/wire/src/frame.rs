@@ -691,10 +691,89 @@ impl<'a> DeliverRef<'a> {
     }
 }
 
+/// A PUBLISH frame's fields, borrowed from the buffer it was read into: what a server's hot
+/// path decodes, without taking and dropping a reference count per field as [`decode`]'s
+/// [`Publish`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRef<'a> {
+    /// The session.
+    pub session: &'a str,
+    /// Client-chosen id for idempotency (0 = none).
+    pub client_msg_id: u64,
+    /// Trace id (0 = none).
+    pub trace_id: u128,
+    /// The participant who sent it.
+    pub sender: &'a str,
+    /// The message.
+    pub payload: &'a [u8],
+}
+
+impl<'a> PublishRef<'a> {
+    /// Decodes a PUBLISH body (the bytes after the header, as [`peek_frame`] gives them); the
+    /// fields borrow `body`. It accepts and refuses exactly what [`decode`] does for the same
+    /// body, with the same errors (a property test and the fuzzer check this).
+    pub fn decode_body(body: &'a [u8]) -> Result<PublishRef<'a>, DecodeError> {
+        let mut src = crate::wire::SliceReader::new(body);
+        let publish = PublishRef {
+            session: src.id("session")?,
+            client_msg_id: src.u64("client_msg_id")?,
+            trace_id: src.u128("trace_id")?,
+            sender: src.id("sender")?,
+            payload: src.payload("payload")?,
+        };
+        src.finish()?;
+        Ok(publish)
+    }
+}
+
+/// A PUBACK frame with its session borrowed: encoding it writes exactly the bytes of the
+/// equivalent [`PubAck`] (a property test checks this) without building a [`Text`] for it.
+#[derive(Debug, Clone, Copy)]
+pub struct PubAckRef<'a> {
+    /// The session.
+    pub session: &'a str,
+    /// The PUBLISH's client_msg_id.
+    pub client_msg_id: u64,
+    /// The session's epoch.
+    pub epoch: u64,
+    /// The seq the message got.
+    pub seq: u64,
+    /// True when this is a repeat of an earlier PUBLISH (same client_msg_id).
+    pub duplicate: bool,
+    /// How durably the message is stored.
+    pub durability: Durability,
+}
+
+impl PubAckRef<'_> {
+    fn body_bytes(&self) -> usize {
+        (1 + self.session.len()) + 8 + 8 + 8 + 1 + 1
+    }
+
+    /// Total bytes on the wire, header included.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_BYTES + self.body_bytes()
+    }
+
+    /// Writes header and body into `dst`; the session's length is checked before anything is
+    /// written.
+    pub fn encode(&self, correlation: u32, dst: &mut impl BufMut) -> Result<(), EncodeError> {
+        crate::wire::check_len(self.session.len(), crate::limits::ID_BYTES_MAX, "session")?;
+        FrameHeader { frame_type: FrameType::PubAck, body_bytes: self.body_bytes() as u32, correlation }.write(dst);
+        dst.put_u8(self.session.len() as u8);
+        dst.put_slice(self.session.as_bytes());
+        dst.put_u64_le(self.client_msg_id);
+        dst.put_u64_le(self.epoch);
+        dst.put_u64_le(self.seq);
+        dst.put_u8(u8::from(self.duplicate));
+        dst.put_u8(self.durability.to_u8());
+        Ok(())
+    }
+}
+
 /// The whole frame at the front of `src`, borrowed: its header and its body, without
 /// consuming anything (the frame is `HEADER_BYTES + header.body_bytes` long). `Ok(None)`: not
 /// all of it is there yet. The header is checked as [`decode`] checks it, with the same errors;
-/// the body is not looked at (see [`DeliverRef::decode_body`]).
+/// the body is not looked at (see [`DeliverRef::decode_body`], [`PublishRef::decode_body`]).
 pub fn peek_frame<'a>(src: &'a [u8], limits: &Limits) -> Result<Option<(FrameHeader, &'a [u8])>, DecodeError> {
     let Some(header) = FrameHeader::peek(src, limits)? else { return Ok(None) };
     let frame_bytes = HEADER_BYTES + header.body_bytes as usize;

@@ -535,3 +535,93 @@ proptest! {
         borrowed_decode_agrees(&raw)?;
     }
 }
+
+// ---- the borrowed PUBLISH decoder and PUBACK encoder ----------------------------------------
+
+/// `frame` decoded both ways: `decode` and `peek_frame` + `PublishRef::decode_body` must agree
+/// on the outcome, the error and every field.
+fn borrowed_publish_agrees(frame: &[u8]) -> Result<(), TestCaseError> {
+    let limits = Limits::default();
+    let owned = decode(&mut BytesMut::from(frame), &limits);
+    let borrowed = switchboard_protocol::peek_frame(frame, &limits)
+        .and_then(|peeked| peeked.map(|(header, body)| switchboard_protocol::PublishRef::decode_body(body).map(|p| (header.correlation, p))).transpose());
+    match (owned, borrowed) {
+        (Ok(Some(Envelope { frame, .. })), _) if !matches!(frame, Frame::Publish(_)) => {}
+        (Ok(Some(Envelope { correlation, frame: Frame::Publish(publish) })), Ok(Some((ref_correlation, p)))) => {
+            prop_assert_eq!(correlation, ref_correlation);
+            prop_assert_eq!(
+                (publish.session.as_str(), publish.client_msg_id, publish.trace_id, publish.sender.as_str(), &publish.payload[..]),
+                (p.session, p.client_msg_id, p.trace_id, p.sender, p.payload)
+            );
+        }
+        (Ok(None), Ok(None)) => {}
+        (Err(owned), Err(borrowed)) => prop_assert_eq!(owned, borrowed),
+        (owned, borrowed) => prop_assert!(false, "decode gave {owned:?}, the borrowed decoder {borrowed:?}"),
+    }
+    Ok(())
+}
+
+/// A PUBLISH header for a body of `body_bytes`.
+fn publish_header(body_bytes: usize, correlation: u32) -> Vec<u8> {
+    let mut header = deliver_header(body_bytes, correlation);
+    header[switchboard_protocol::MAGIC.len() + 1] = FrameType::Publish as u8;
+    header
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Valid PUBLISH frames, and the same with one byte changed, the body cut short or bytes
+    /// appended: both decoders agree on all of them, and on every prefix.
+    #[test]
+    fn publish_ref_decodes_like_decode(
+        correlation in any::<u32>(),
+        frame in publish(),
+        change in any::<Option<(prop::sample::Index, u8)>>(),
+        cut in any::<Option<prop::sample::Index>>(),
+        extra in vec(any::<u8>(), 0..3),
+    ) {
+        let encoded = frame.to_bytes(correlation).unwrap();
+        let mut body = encoded[switchboard_protocol::HEADER_BYTES..].to_vec();
+        if let Some((at, byte)) = change {
+            let at = at.index(body.len());
+            body[at] = byte;
+        }
+        if let Some(at) = cut {
+            body.truncate(at.index(body.len() + 1));
+        }
+        body.extend_from_slice(&extra);
+        let mut whole = publish_header(body.len(), correlation);
+        whole.extend_from_slice(&body);
+        borrowed_publish_agrees(&whole)?;
+        for len in [0, 1, switchboard_protocol::HEADER_BYTES - 1, switchboard_protocol::HEADER_BYTES, whole.len() - 1] {
+            borrowed_publish_agrees(&whole[..len.min(whole.len())])?;
+        }
+    }
+
+    /// Arbitrary bodies under a PUBLISH header.
+    #[test]
+    fn publish_ref_agrees_on_arbitrary_bytes(body in vec(any::<u8>(), 0..200)) {
+        let mut whole = publish_header(body.len(), 9);
+        whole.extend_from_slice(&body);
+        borrowed_publish_agrees(&whole)?;
+    }
+
+    /// The borrowed PUBACK encoder writes the same bytes as the frame it stands for.
+    #[test]
+    fn pub_ack_ref_encodes_like_pub_ack(correlation in any::<u32>(), frame in pub_ack()) {
+        let Frame::PubAck(ack) = &frame else { unreachable!("pub_ack() makes PUBACK frames") };
+        let borrowed = switchboard_protocol::PubAckRef {
+            session: ack.session.as_str(),
+            client_msg_id: ack.client_msg_id,
+            epoch: ack.epoch,
+            seq: ack.seq,
+            duplicate: ack.duplicate,
+            durability: ack.durability,
+        };
+        let mut ours = Vec::new();
+        borrowed.encode(correlation, &mut ours).unwrap();
+        prop_assert_eq!(borrowed.encoded_len(), ours.len());
+        prop_assert_eq!(&ours[..], &frame.to_bytes(correlation).unwrap()[..]);
+    }
+}
