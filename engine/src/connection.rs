@@ -9,13 +9,16 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_lite::AsyncReadExt;
 use glommio::net::TcpStream;
-use switchboard_protocol::{decode, ErrorCode, Frame, GoAway, GoAwayReason, Hello, Pong, ServerLimits, Text, TicketCommand, Welcome, PROTOCOL_VERSION};
+use switchboard_protocol::{
+    decode, peek_frame, ErrorCode, Frame, FrameType, GoAway, GoAwayReason, Hello, Pong, PublishRef, ServerLimits, Text, TicketCommand, Welcome, HEADER_BYTES,
+    PROTOCOL_VERSION,
+};
 
 use crate::auth::{Identity, Role, OPEN_TENANT};
-use crate::mesh::{ConnId, DeskOp, PublishRequest, SessionKey};
+use crate::mesh::{ConnId, DeskOp, KeyRef, PublishRequest, PublishView, SessionKey};
 use crate::phase::{self, Phase};
 use crate::rate::Limited;
 use crate::shard::Shard;
@@ -106,6 +109,10 @@ impl Reader {
         while let Some(read) = self.fill().await {
             let handle_started = phase::now();
             loop {
+                if self.publish_in_place() {
+                    self.shard.wait_for_event_links().await;
+                    continue;
+                }
                 let decode_started = phase::now();
                 let next = self.next_frame();
                 if matches!(next, Ok(Some(_))) {
@@ -153,6 +160,48 @@ impl Reader {
                 Some(read)
             }
         }
+    }
+
+    /// Handles a PUBLISH at the front of the buffer where it lies, when nothing about it has
+    /// to wait or to leave the shard: from a gateway or supervisor (no desk check), to a
+    /// session this shard owns, valid and within limits. Its fields are read as borrows of the
+    /// buffer (no reference count per field, no owned key), then the frame is dropped from it.
+    /// False when the front frame is anything else (or incomplete): the general path decodes
+    /// it and answers whatever is wrong with it.
+    fn publish_in_place(&mut self) -> bool {
+        if !matches!(self.role, Role::Gateway | Role::Supervisor) {
+            return false;
+        }
+        let decode_started = phase::now();
+        let Ok(Some((header, body))) = peek_frame(&self.buffer, &self.limits) else { return false };
+        if header.frame_type != FrameType::Publish {
+            return false;
+        }
+        let Ok(publish) = PublishRef::decode_body(body) else { return false };
+        let shard = &*self.shard;
+        let key = KeyRef { tenant: &self.tenant, session: publish.session };
+        if publish.session.is_empty()
+            || publish.payload.len() > shard.config.limits.payload_bytes_max as usize
+            || key.shard(shard.shards) != shard.index
+        {
+            return false;
+        }
+        phase::lap(Phase::Decode, decode_started);
+        let frame_bytes = HEADER_BYTES + body.len();
+        if self.admit(header.correlation, Limited::Publishes, publish.payload.len() as u64) {
+            shard.publish_owned_here(&PublishView {
+                conn: self.conn,
+                correlation: header.correlation,
+                key,
+                client_msg_id: publish.client_msg_id,
+                trace_id: publish.trace_id,
+                sender: publish.sender,
+                payload: publish.payload,
+                ingress_raw: shard.clock().raw(),
+            });
+        }
+        self.buffer.advance(frame_bytes);
+        true
     }
 
     /// Decodes one frame; a decode error is answered and closes the connection.

@@ -49,6 +49,35 @@ impl SessionKey {
         SessionKey { tenant: tenant.clone(), session: Text::from(session.as_str()) }
     }
 
+    /// The shard that owns this session (see [`KeyRef::shard`]).
+    pub fn shard(&self, shards: usize) -> usize {
+        self.borrowed().shard(shards)
+    }
+
+    /// The session's id in its shard's journal (see [`KeyRef::conversation_id`]).
+    pub fn conversation_id(&self) -> u64 {
+        self.borrowed().conversation_id()
+    }
+
+    /// This key as a [`KeyRef`].
+    pub fn borrowed(&self) -> KeyRef<'_> {
+        KeyRef { tenant: &self.tenant, session: self.session.as_str() }
+    }
+}
+
+/// A session's identity with its session id borrowed (from a read buffer): what the publish
+/// path looks sessions up with. It hashes and compares like the [`SessionKey`] it stands for,
+/// so maps keyed by `SessionKey` (or `Rc<SessionKey>`) find entries by it without one being
+/// built.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    /// The tenant.
+    pub tenant: &'a Text,
+    /// The session (conversation) id.
+    pub session: &'a str,
+}
+
+impl KeyRef<'_> {
     /// The shard that owns this session: `hash(tenant, session) % shards`.
     ///
     /// SipHash with fixed keys (std's `DefaultHasher::new()`), so every process, and any client
@@ -57,10 +86,7 @@ impl SessionKey {
         if shards <= 1 {
             return 0;
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.tenant.as_str().hash(&mut hasher);
-        self.session.as_str().hash(&mut hasher);
-        (hasher.finish() % shards as u64) as usize
+        (self.conversation_id() % shards as u64) as usize
     }
 
     /// The session's id in its shard's journal: the same fixed-key hash, whole. Ids of two
@@ -69,8 +95,33 @@ impl SessionKey {
     pub fn conversation_id(&self) -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         self.tenant.as_str().hash(&mut hasher);
-        self.session.as_str().hash(&mut hasher);
+        self.session.hash(&mut hasher);
         hasher.finish()
+    }
+
+    /// The owned key, its session id in memory of its own (it is kept beyond the read).
+    pub fn to_owned_key(&self) -> SessionKey {
+        SessionKey { tenant: self.tenant.clone(), session: Text::from(self.session) }
+    }
+}
+
+impl Hash for KeyRef<'_> {
+    /// As `SessionKey`'s derived hash: each field's bytes as a slice (`Text` hashes its `Bytes`).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.tenant.hash(state);
+        self.session.as_bytes().hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<SessionKey> for KeyRef<'_> {
+    fn equivalent(&self, key: &SessionKey) -> bool {
+        *self.tenant == key.tenant && self.session == key.session.as_str()
+    }
+}
+
+impl hashbrown::Equivalent<std::rc::Rc<SessionKey>> for KeyRef<'_> {
+    fn equivalent(&self, key: &std::rc::Rc<SessionKey>) -> bool {
+        self.equivalent(&**key)
     }
 }
 
@@ -209,6 +260,44 @@ pub struct PublishRequest {
     /// The message (a slice of the origin's read buffer; the owner encodes it into history).
     pub payload: Bytes,
     /// When the origin decoded it (`quanta` raw clock), for latency.
+    pub ingress_raw: u64,
+}
+
+impl PublishRequest {
+    /// The request as the owner handles it.
+    pub fn view(&self) -> PublishView<'_> {
+        PublishView {
+            conn: self.conn,
+            correlation: self.correlation,
+            key: self.key.borrowed(),
+            client_msg_id: self.client_msg_id,
+            trace_id: self.trace_id,
+            sender: self.sender.as_str(),
+            payload: &self.payload,
+            ingress_raw: self.ingress_raw,
+        }
+    }
+}
+
+/// A PUBLISH as its owner handles it, borrowed: from a request that came over the mesh, or
+/// straight from a local connection's read buffer (no reference counts taken per field).
+#[derive(Debug, Clone, Copy)]
+pub struct PublishView<'a> {
+    /// The publishing connection on the origin shard.
+    pub conn: ConnId,
+    /// Its request's correlation id.
+    pub correlation: u32,
+    /// The session.
+    pub key: KeyRef<'a>,
+    /// Idempotency id.
+    pub client_msg_id: u64,
+    /// Trace id.
+    pub trace_id: u128,
+    /// Sender participant.
+    pub sender: &'a str,
+    /// The message.
+    pub payload: &'a [u8],
+    /// When the origin read it (`quanta` raw clock), for latency.
     pub ingress_raw: u64,
 }
 
@@ -529,4 +618,56 @@ pub fn new_epoch() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     // Keep it positive and distinct from 0 (0 means "no epoch" to clients).
     (nanos ^ u64::from(std::process::id()).rotate_left(48)) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Map<V> = hashbrown::HashMap<SessionKey, V, foldhash::quality::RandomState>;
+
+    fn key(tenant: &str, session: &str) -> SessionKey {
+        SessionKey { tenant: Text::from(tenant), session: Text::from(session) }
+    }
+
+    /// A borrowed key finds exactly the entry of the owned key it stands for, in maps keyed by
+    /// `SessionKey` and by `Rc<SessionKey>` (it must hash like one: a mismatch misses).
+    #[test]
+    fn a_key_ref_finds_the_entry_of_its_owned_key() {
+        let keys: Vec<SessionKey> = (0..200).map(|i| key(["acme", "globex", ""][i % 3], &format!("conv-{i}"))).collect();
+        let mut map: Map<usize> = Map::default();
+        let mut shared: hashbrown::HashMap<Rc<SessionKey>, usize, foldhash::quality::RandomState> = Default::default();
+        for (i, k) in keys.iter().enumerate() {
+            map.insert(k.clone(), i);
+            shared.insert(Rc::new(k.clone()), i);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            let session = String::from(k.session.as_str());
+            let borrowed = KeyRef { tenant: &k.tenant, session: &session };
+            assert_eq!(map.get(&borrowed), Some(&i));
+            assert_eq!(shared.get(&borrowed), Some(&i));
+            assert_eq!(borrowed.to_owned_key(), *k);
+        }
+        let other_tenant = Text::from("initech");
+        assert_eq!(map.get(&KeyRef { tenant: &other_tenant, session: "conv-0" }), None);
+        assert_eq!(map.get(&KeyRef { tenant: &keys[0].tenant, session: "conv-1" }), None);
+    }
+
+    /// Placement is the fixed-key SipHash of tenant then session, as clients may compute it.
+    #[test]
+    fn placement_is_the_fixed_key_hash_of_tenant_and_session() {
+        for (tenant, session) in [("acme", "conv-1"), ("globex", "a"), ("", "x"), ("acme", "conv-2")] {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            tenant.hash(&mut hasher);
+            session.hash(&mut hasher);
+            let expected = hasher.finish();
+            let k = key(tenant, session);
+            assert_eq!(k.conversation_id(), expected);
+            for shards in [1, 2, 3, 7] {
+                let placed = if shards == 1 { 0 } else { (expected % shards as u64) as usize };
+                assert_eq!(k.shard(shards), placed);
+                assert_eq!(k.borrowed().shard(shards), placed);
+            }
+        }
+    }
 }

@@ -54,7 +54,7 @@ pub fn encode_read_cursor(out: &mut Vec<u8>, key: &SessionKey, participant: &Tex
 
 /// Where a DELIVER frame's sender id sits: after the header, the session id and four fixed
 /// fields (epoch, seq, timestamp, trace id) and its own length byte.
-pub fn deliver_sender_at(session: &Text, sender: &Text) -> (u16, u8) {
+pub fn deliver_sender_at(session: &str, sender: &str) -> (u16, u8) {
     ((HEADER_BYTES + 1 + session.len() + 8 + 8 + 8 + 16 + 1) as u16, sender.len() as u8)
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use switchboard_protocol::{
-    ConversationEventKind, DeliverRef, EncodeError, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, ReadCursor, ResumeFrom, Subscribed, Success, Text,
+    ConversationEventKind, DeliverRef, EncodeError, ErrorCode, ErrorFrame, Frame, GoAway, GoAwayReason, PubAck, PubAckRef, ReadCursor, ResumeFrom, Subscribed, Success, Text,
     Typing,
 };
 
@@ -32,7 +32,7 @@ use crate::config::{Config, DurabilityMode};
 use crate::history::{HistoryLog, LogSpan};
 use crate::journal::{DmaStorage, Health, Journal, JournalError, JournalStats, Record, RecordKind, Ticket};
 use crate::notify::Notify;
-use crate::mesh::{ConnId, Event, LinkStats, PeerLink, PublishRequest, Request, SessionKey};
+use crate::mesh::{ConnId, Event, KeyRef, LinkStats, PeerLink, PublishRequest, PublishView, Request, SessionKey};
 use crate::persist;
 use crate::phase::{self, Phase};
 use crate::pool::{BufferPool, LeaseMut};
@@ -758,13 +758,19 @@ impl Shard {
     pub(crate) async fn publish(&self, request: PublishRequest) {
         let owner = request.key.shard(self.shards);
         if owner == self.index {
-            let started = phase::now();
-            self.owner_publish(self.index, &request);
-            phase::lap(Phase::Publish, started);
+            self.publish_owned_here(&request.view());
             self.wait_for_event_links().await;
         } else {
             self.request(owner, Request::Publish(request)).await;
         }
+    }
+
+    /// PUBLISH from a local connection to a session this shard owns, borrowed from where it
+    /// was read. The caller then waits with [`wait_for_event_links`](Shard::wait_for_event_links).
+    pub(crate) fn publish_owned_here(&self, publish: &PublishView<'_>) {
+        let started = phase::now();
+        self.owner_publish(self.index, publish);
+        phase::lap(Phase::Publish, started);
     }
 
     /// READ_CURSOR from a local connection.
@@ -796,6 +802,23 @@ impl Shard {
         }
     }
 
+    /// A PUBACK for `origin`'s connection: written straight into the connection's gathering
+    /// buffer when it is local, else sent over the mesh.
+    fn reply_pub_ack(&self, origin: usize, conn: ConnId, correlation: u32, ack: &PubAckRef<'_>) {
+        if origin == self.index {
+            let len = ack.encoded_len();
+            let mut scratch = [0_u8; GATHERED_FRAME_BYTES_MAX];
+            if let Some(mut dst) = scratch.get_mut(..len) {
+                if ack.encode(correlation, &mut dst).is_ok() && self.send_gathered(conn, &scratch[..len]) {
+                    return;
+                }
+            }
+        }
+        let PubAckRef { session, client_msg_id, epoch, seq, duplicate, durability } = *ack;
+        let session = Text::from(session);
+        self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate, durability });
+    }
+
     fn reply(&self, origin: usize, event: Event) {
         if origin == self.index {
             self.handle_event(event);
@@ -809,7 +832,7 @@ impl Shard {
     /// handler, or a local connection's publish, cursor or typing — waits here afterwards: a
     /// slow peer then slows its producers instead of growing their links without bound. Event
     /// handlers drain these links and never wait, so no cycle of shards can wait on each other.
-    async fn wait_for_event_links(&self) {
+    pub(crate) async fn wait_for_event_links(&self) {
         for link in self.events_out.iter().flatten() {
             link.wait_for_room().await;
         }
@@ -823,15 +846,15 @@ impl Shard {
     ///
     /// Refused (with the message for the ERROR) when the shard holds `sessions_per_shard_max`
     /// sessions, or the session's tenant holds its own `sessions_per_shard_max` here.
-    fn session_mut<'a>(&self, state: &'a mut ShardState, key: &SessionKey, now_ms: u64) -> Result<&'a mut OwnedSession, &'static str> {
+    fn session_mut<'a>(&self, state: &'a mut ShardState, key: KeyRef<'_>, now_ms: u64) -> Result<&'a mut OwnedSession, &'static str> {
         let full = state.sessions.len() >= self.config.limits.sessions_per_shard_max;
         let ShardState { sessions, tenant_sessions, .. } = state;
-        let owned = match sessions.entry_ref(key) {
+        let owned = match sessions.entry_ref(&key) {
             hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
             hashbrown::hash_map::EntryRef::Vacant(entry) => {
                 // Only a new session looks at quotas: the publish path stays one lookup.
-                let quota = self.session_quota(&key.tenant);
-                let tenant_full = quota.is_some_and(|max| tenant_sessions.get(&key.tenant).copied().unwrap_or(0) >= max);
+                let quota = self.session_quota(key.tenant);
+                let tenant_full = quota.is_some_and(|max| tenant_sessions.get(key.tenant).copied().unwrap_or(0) >= max);
                 if full || tenant_full {
                     self.count(|c| c.session_limit_refusals_total += 1);
                     return Err(if full { "session limit of the shard reached" } else { "the tenant's session limit on this shard reached" });
@@ -840,7 +863,7 @@ impl Shard {
                     *tenant_sessions.entry(key.tenant.clone()).or_default() += 1;
                 }
                 let session = Session::new(self.fresh_session_epoch(), self.config.limits.history_messages_max as usize);
-                entry.insert(OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false })
+                entry.insert_with_key(key.to_owned_key(), OwnedSession { session, interest: ShardSet::default(), last_active_ms: now_ms, ended: false })
             }
         };
         owned.last_active_ms = now_ms;
@@ -904,9 +927,9 @@ impl Shard {
         }
     }
 
-    fn owner_publish(&self, origin: usize, request: &PublishRequest) {
-        let PublishRequest { conn, correlation, ref key, client_msg_id, trace_id, ref sender, ref payload, ingress_raw } = *request;
-        let mode = self.durability_of(&key.tenant);
+    fn owner_publish(&self, origin: usize, publish: &PublishView<'_>) {
+        let PublishView { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw } = *publish;
+        let mode = self.durability_of(key.tenant);
         let journal = mode.journal().zip(self.journal.as_ref());
         let sequence_started = phase::now();
         let timestamp_us = self.now_us();
@@ -921,15 +944,7 @@ impl Shard {
         let mut history = self.history.borrow_mut();
         let mut ticket = None;
         let mut encode = |epoch: u64, seq: u64, log: &mut HistoryLog| -> Result<(LogSpan, (u16, u8)), AppendRefused> {
-            let deliver = DeliverRef {
-                session: key.session.as_str(),
-                epoch,
-                seq,
-                timestamp_us,
-                trace_id,
-                sender: sender.as_str(),
-                payload: &payload[..],
-            };
+            let deliver = DeliverRef { session: key.session, epoch, seq, timestamp_us, trace_id, sender, payload };
             let span = match journal {
                 None => self.encode_into_history(log, deliver.encoded_len(), |dst| deliver.encode(0, dst))?,
                 Some(journal) => {
@@ -938,9 +953,9 @@ impl Shard {
                     span
                 }
             };
-            Ok((span, persist::deliver_sender_at(&key.session, sender)))
+            Ok((span, persist::deliver_sender_at(key.session, sender)))
         };
-        let outcome = match owned.session.publish(&mut history, sender.as_str(), client_msg_id, journal.is_none(), &mut encode) {
+        let outcome = match owned.session.publish(&mut history, sender, client_msg_id, journal.is_none(), &mut encode) {
             Ok(outcome) => outcome,
             Err(refused) => {
                 drop((state, history));
@@ -963,7 +978,7 @@ impl Shard {
             origin,
             conn,
             correlation,
-            key: SessionKey::owned(&key.tenant, &key.session),
+            key: key.to_owned_key(),
             client_msg_id,
             epoch,
             seq,
@@ -989,8 +1004,8 @@ impl Shard {
                 let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
                 self.fanout_copies(key, copies, ingress_raw);
                 let ack_started = phase::lap(Phase::Fanout, fanout_started);
-                let session = key.session.clone();
-                self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability });
+                let ack = PubAckRef { session: key.session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability };
+                self.reply_pub_ack(origin, conn, correlation, &ack);
                 phase::lap(Phase::Ack, ack_started);
             }
             PublishOutcome::Duplicate(_) if seq > visible_seq => {
@@ -1002,8 +1017,8 @@ impl Shard {
             PublishOutcome::Duplicate(seq) => {
                 drop((state, history));
                 self.count(|c| c.publishes_duplicate_total += 1);
-                let session = key.session.clone();
-                self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate: true, durability: wire_durability });
+                let ack = PubAckRef { session: key.session, client_msg_id, epoch, seq, duplicate: true, durability: wire_durability };
+                self.reply_pub_ack(origin, conn, correlation, &ack);
             }
         }
     }
@@ -1154,7 +1169,7 @@ impl Shard {
         let journal = self.durability_of(&key.tenant).journal().zip(self.journal.as_ref());
         let mut state = self.state.borrow_mut();
         let timestamp_us = self.now_us();
-        let Ok(owned) = self.session_mut(&mut state, key, timestamp_us / 1000) else { return false };
+        let Ok(owned) = self.session_mut(&mut state, key.borrowed(), timestamp_us / 1000) else { return false };
         if let Frame::ConversationEvent(event) = &frame {
             owned.ended = matches!(event.kind, ConversationEventKind::Closed | ConversationEventKind::Abandoned);
         }
@@ -1167,7 +1182,7 @@ impl Shard {
             let span = match journal {
                 None => self.encode_into_history(log, frame.encoded_len(), |dst| frame.encode(0, dst))?,
                 Some(journal) => {
-                    let (span, journaled) = self.journal_then_history(log, journal, key, 0, seq, timestamp_us, |dst| frame.encode(0, dst))?;
+                    let (span, journaled) = self.journal_then_history(log, journal, key.borrowed(), 0, seq, timestamp_us, |dst| frame.encode(0, dst))?;
                     ticket = Some(journaled);
                     span
                 }
@@ -1222,7 +1237,7 @@ impl Shard {
         let mut remote = interest;
         remote.remove(self.index);
         let local = interest.contains(self.index).then(|| self.to_pool(frame.clone()));
-        self.fanout_copies(key, FanoutCopies { local, remote, shared: Some(frame) }, ingress_raw);
+        self.fanout_copies(key.borrowed(), FanoutCopies { local, remote, shared: Some(frame) }, ingress_raw);
     }
 
     /// Copies a frame for its fan-out: into a pool buffer for this shard's subscribers, and
@@ -1235,11 +1250,12 @@ impl Shard {
         FanoutCopies { local, remote, shared }
     }
 
-    fn fanout_copies(&self, key: &SessionKey, copies: FanoutCopies, ingress_raw: u64) {
+    fn fanout_copies(&self, key: KeyRef<'_>, copies: FanoutCopies, ingress_raw: u64) {
         if let Some(frame) = copies.shared {
+            let owned = key.to_owned_key();
             for peer in copies.remote.iter() {
                 if let Some(link) = &self.events_out[peer] {
-                    link.push(Event::Fanout { key: key.clone(), frame: frame.clone(), ingress_raw });
+                    link.push(Event::Fanout { key: owned.clone(), frame: frame.clone(), ingress_raw });
                 }
             }
         }
@@ -1269,7 +1285,7 @@ impl Shard {
         &self,
         log: &mut HistoryLog,
         (durability, journal): (crate::journal::Durability, &Journal<DmaStorage>),
-        key: &SessionKey,
+        key: KeyRef<'_>,
         client_msg_id: u64,
         seq: u64,
         timestamp_us: u64,
@@ -1283,7 +1299,7 @@ impl Shard {
         }
         let ticket = {
             let mut scratch = self.record_scratch.borrow_mut();
-            persist::encode_message(&mut scratch, &key.tenant, client_msg_id, &frame);
+            persist::encode_message(&mut scratch, key.tenant, client_msg_id, &frame);
             let record = Record { conversation: key.conversation_id(), seq, timestamp_us, kind: RecordKind::Message, payload: &scratch };
             journal.append(&record, durability).map_err(AppendRefused::Journal)?
         };
@@ -1322,11 +1338,11 @@ impl Shard {
         OutBuf::Heap(heap())
     }
 
-    fn local_fanout(&self, key: &SessionKey, out: &OutBuf, ingress_raw: u64) {
+    fn local_fanout(&self, key: KeyRef<'_>, out: &OutBuf, ingress_raw: u64) {
         // The subscriber list is copied into a reused buffer (no allocation per message)
         // because sending may evict a slow consumer, which changes the state being iterated.
         let mut conns = self.fanout_scratch.take();
-        match self.state.borrow().local.get(key) {
+        match self.state.borrow().local.get(&key) {
             Some(local) => conns.extend_from_slice(&local.conns),
             None => {
                 self.fanout_scratch.replace(conns);
@@ -1366,7 +1382,7 @@ impl Shard {
 
     fn owner_subscribe(&self, origin: usize, conn: ConnId, correlation: u32, key: SessionKey, from: ResumeFrom) {
         let mut state = self.state.borrow_mut();
-        let owned = match self.session_mut(&mut state, &key, self.now_us() / 1000) {
+        let owned = match self.session_mut(&mut state, key.borrowed(), self.now_us() / 1000) {
             Ok(owned) => owned,
             Err(message) => {
                 drop(state);
@@ -1435,7 +1451,7 @@ impl Shard {
     /// Handles one request from `origin`'s ring. May wait for room on the event links.
     pub(crate) async fn handle_request(&self, origin: usize, request: Request) {
         match request {
-            Request::Publish(request) => self.owner_publish(origin, &request),
+            Request::Publish(request) => self.owner_publish(origin, &request.view()),
             Request::Subscribe { conn, correlation, key, from } => self.owner_subscribe(origin, conn, correlation, key, from),
             Request::Uninterest { key } => self.owner_uninterest(origin, &key),
             Request::ReadCursor { conn, correlation, key, participant, seq } => {
@@ -1459,7 +1475,7 @@ impl Shard {
             Event::Subscribed { conn, correlation, key, plan, replay } => self.subscribed(conn, correlation, key, &plan, replay),
             Event::Fanout { key, frame, ingress_raw } => {
                 let out = self.to_pool(frame);
-                self.local_fanout(&key, &out, ingress_raw);
+                self.local_fanout(key.borrowed(), &out, ingress_raw);
             }
             Event::Failed { conn, correlation, code, message } => self.fail_request(conn, correlation, code, message),
             Event::SubscribeRefused { conn, correlation, key, code, message } => {
