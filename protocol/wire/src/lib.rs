@@ -18,10 +18,12 @@
 //! Decoding is incremental: [`decode`] returns `Ok(None)` while a frame is incomplete, checks the
 //! header (magic, version, type, length against the limit) before waiting for the body, and
 //! slices payloads out of the read buffer without copying. It never panics on any input.
-//! A subscriber's hot path can go further: [`peek_frame`] finds the whole frame at the front of
-//! a buffer without consuming it, and [`DeliverRef::decode_body`] reads a DELIVER's fields as
-//! borrows of that buffer (no reference counts taken and dropped per field), accepting and
-//! refusing exactly what [`decode`] does.
+//! A hot path can go further: [`peek_frame`] finds the whole frame at the front of a buffer
+//! without consuming it, and [`DeliverRef::decode_body`] (a subscriber's DELIVER) or
+//! [`PublishRef::decode_body`] (a server's PUBLISH) reads the fields as borrows of that buffer
+//! (no reference counts taken and dropped per field), accepting and refusing exactly what
+//! [`decode`] does. [`DeliverRef`] and [`PubAckRef`] encode from borrowed fields the very bytes
+//! of their owned frames.
 
 pub mod error;
 pub mod frame;
