@@ -193,6 +193,7 @@ impl Reader {
                 conn: self.conn,
                 correlation: header.correlation,
                 key,
+                owned_key: None,
                 client_msg_id: publish.client_msg_id,
                 trace_id: publish.trace_id,
                 sender: publish.sender,

@@ -270,6 +270,7 @@ impl PublishRequest {
             conn: self.conn,
             correlation: self.correlation,
             key: self.key.borrowed(),
+            owned_key: Some(&self.key),
             client_msg_id: self.client_msg_id,
             trace_id: self.trace_id,
             sender: self.sender.as_str(),
@@ -289,6 +290,10 @@ pub struct PublishView<'a> {
     pub correlation: u32,
     /// The session.
     pub key: KeyRef<'a>,
+    /// The same key owned, when the PUBLISH came over the mesh with one: what is kept beyond
+    /// the publish (a pending acknowledgement, fan-out events, a PUBACK for another shard)
+    /// clones it instead of copying the session id.
+    pub owned_key: Option<&'a SessionKey>,
     /// Idempotency id.
     pub client_msg_id: u64,
     /// Trace id.
@@ -299,6 +304,13 @@ pub struct PublishView<'a> {
     pub payload: &'a [u8],
     /// When the origin read it (`quanta` raw clock), for latency.
     pub ingress_raw: u64,
+}
+
+impl PublishView<'_> {
+    /// The session's key to keep: the owned one cloned, else the borrowed one copied.
+    pub fn key_to_keep(&self) -> SessionKey {
+        self.owned_key.cloned().unwrap_or_else(|| self.key.to_owned_key())
+    }
 }
 
 /// Origin shard → owner shard.

@@ -803,8 +803,9 @@ impl Shard {
     }
 
     /// A PUBACK for `origin`'s connection: written straight into the connection's gathering
-    /// buffer when it is local, else sent over the mesh.
-    fn reply_pub_ack(&self, origin: usize, conn: ConnId, correlation: u32, ack: &PubAckRef<'_>) {
+    /// buffer when it is local, else sent over the mesh (with the session id of `owned_key`,
+    /// which a PUBLISH from another shard always has).
+    fn reply_pub_ack(&self, origin: usize, conn: ConnId, correlation: u32, ack: &PubAckRef<'_>, owned_key: Option<&SessionKey>) {
         if origin == self.index {
             let len = ack.encoded_len();
             let mut scratch = [0_u8; GATHERED_FRAME_BYTES_MAX];
@@ -815,7 +816,7 @@ impl Shard {
             }
         }
         let PubAckRef { session, client_msg_id, epoch, seq, duplicate, durability } = *ack;
-        let session = Text::from(session);
+        let session = owned_key.map_or_else(|| Text::from(session), |key| key.session.clone());
         self.reply(origin, Event::PubAck { conn, correlation, session, client_msg_id, epoch, seq, duplicate, durability });
     }
 
@@ -928,7 +929,7 @@ impl Shard {
     }
 
     fn owner_publish(&self, origin: usize, publish: &PublishView<'_>) {
-        let PublishView { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw } = *publish;
+        let PublishView { conn, correlation, key, client_msg_id, trace_id, sender, payload, ingress_raw, .. } = *publish;
         let mode = self.durability_of(key.tenant);
         let journal = mode.journal().zip(self.journal.as_ref());
         let sequence_started = phase::now();
@@ -978,7 +979,7 @@ impl Shard {
             origin,
             conn,
             correlation,
-            key: key.to_owned_key(),
+            key: publish.key_to_keep(),
             client_msg_id,
             epoch,
             seq,
@@ -1002,10 +1003,10 @@ impl Shard {
                 drop((state, history));
                 self.count(|c| c.publishes_total += 1);
                 let _span = (trace_id != 0).then(|| tracing::trace_span!("fanout", trace_id = %format_args!("{trace_id:032x}"), seq).entered());
-                self.fanout_copies(key, copies, ingress_raw);
+                self.fanout_copies(key, || publish.key_to_keep(), copies, ingress_raw);
                 let ack_started = phase::lap(Phase::Fanout, fanout_started);
                 let ack = PubAckRef { session: key.session, client_msg_id, epoch, seq, duplicate: false, durability: wire_durability };
-                self.reply_pub_ack(origin, conn, correlation, &ack);
+                self.reply_pub_ack(origin, conn, correlation, &ack, publish.owned_key);
                 phase::lap(Phase::Ack, ack_started);
             }
             PublishOutcome::Duplicate(_) if seq > visible_seq => {
@@ -1018,7 +1019,7 @@ impl Shard {
                 drop((state, history));
                 self.count(|c| c.publishes_duplicate_total += 1);
                 let ack = PubAckRef { session: key.session, client_msg_id, epoch, seq, duplicate: true, durability: wire_durability };
-                self.reply_pub_ack(origin, conn, correlation, &ack);
+                self.reply_pub_ack(origin, conn, correlation, &ack, publish.owned_key);
             }
         }
     }
@@ -1237,7 +1238,7 @@ impl Shard {
         let mut remote = interest;
         remote.remove(self.index);
         let local = interest.contains(self.index).then(|| self.to_pool(frame.clone()));
-        self.fanout_copies(key.borrowed(), FanoutCopies { local, remote, shared: Some(frame) }, ingress_raw);
+        self.fanout_copies(key.borrowed(), || key.clone(), FanoutCopies { local, remote, shared: Some(frame) }, ingress_raw);
     }
 
     /// Copies a frame for its fan-out: into a pool buffer for this shard's subscribers, and
@@ -1250,9 +1251,12 @@ impl Shard {
         FanoutCopies { local, remote, shared }
     }
 
-    fn fanout_copies(&self, key: KeyRef<'_>, copies: FanoutCopies, ingress_raw: u64) {
+    /// Sends `copies` on: the shared one to the other shards with subscribers (as an event
+    /// naming the session by `owned_key()`, asked for only then), the local one to this
+    /// shard's subscribers.
+    fn fanout_copies(&self, key: KeyRef<'_>, owned_key: impl FnOnce() -> SessionKey, copies: FanoutCopies, ingress_raw: u64) {
         if let Some(frame) = copies.shared {
-            let owned = key.to_owned_key();
+            let owned = owned_key();
             for peer in copies.remote.iter() {
                 if let Some(link) = &self.events_out[peer] {
                     link.push(Event::Fanout { key: owned.clone(), frame: frame.clone(), ingress_raw });

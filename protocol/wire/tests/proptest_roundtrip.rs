@@ -482,6 +482,37 @@ fn borrowed_decode_agrees(frame: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// `frame` encoded, its body with one byte changed, cut short and bytes appended (each as
+/// chosen), under a new header from `header(body_bytes, correlation)` whose length follows the
+/// body.
+fn altered(
+    frame: &Frame,
+    correlation: u32,
+    header: fn(usize, u32) -> Vec<u8>,
+    change: Option<(prop::sample::Index, u8)>,
+    cut: Option<prop::sample::Index>,
+    extra: &[u8],
+) -> Vec<u8> {
+    let encoded = frame.to_bytes(correlation).unwrap();
+    let mut body = encoded[switchboard_protocol::HEADER_BYTES..].to_vec();
+    if let Some((at, byte)) = change {
+        let at = at.index(body.len());
+        body[at] = byte;
+    }
+    if let Some(at) = cut {
+        body.truncate(at.index(body.len() + 1));
+    }
+    body.extend_from_slice(extra);
+    let mut whole = header(body.len(), correlation);
+    whole.extend_from_slice(&body);
+    whole
+}
+
+/// Prefixes of `whole` around the header's end and the body's.
+fn prefixes(whole: &[u8]) -> impl Iterator<Item = &[u8]> {
+    [0, 1, switchboard_protocol::HEADER_BYTES - 1, switchboard_protocol::HEADER_BYTES, whole.len() - 1].into_iter().map(|len| &whole[..len.min(whole.len())])
+}
+
 /// A DELIVER header for a body of `body_bytes`.
 fn deliver_header(body_bytes: usize, correlation: u32) -> Vec<u8> {
     let mut header = Vec::new();
@@ -507,22 +538,11 @@ proptest! {
         cut in any::<Option<prop::sample::Index>>(),
         extra in vec(any::<u8>(), 0..3),
     ) {
-        let encoded = frame.to_bytes(correlation).unwrap();
-        let mut body = encoded[switchboard_protocol::HEADER_BYTES..].to_vec();
-        if let Some((at, byte)) = change {
-            let at = at.index(body.len());
-            body[at] = byte;
-        }
-        if let Some(at) = cut {
-            body.truncate(at.index(body.len() + 1));
-        }
-        body.extend_from_slice(&extra);
-        let mut whole = deliver_header(body.len(), correlation);
-        whole.extend_from_slice(&body);
+        let whole = altered(&frame, correlation, deliver_header, change, cut, &extra);
         borrowed_decode_agrees(&whole)?;
         // And every prefix of it: incomplete frames are `None` both ways.
-        for len in [0, 1, switchboard_protocol::HEADER_BYTES - 1, switchboard_protocol::HEADER_BYTES, whole.len() - 1] {
-            borrowed_decode_agrees(&whole[..len.min(whole.len())])?;
+        for prefix in prefixes(&whole) {
+            borrowed_decode_agrees(prefix)?;
         }
     }
 
@@ -581,21 +601,10 @@ proptest! {
         cut in any::<Option<prop::sample::Index>>(),
         extra in vec(any::<u8>(), 0..3),
     ) {
-        let encoded = frame.to_bytes(correlation).unwrap();
-        let mut body = encoded[switchboard_protocol::HEADER_BYTES..].to_vec();
-        if let Some((at, byte)) = change {
-            let at = at.index(body.len());
-            body[at] = byte;
-        }
-        if let Some(at) = cut {
-            body.truncate(at.index(body.len() + 1));
-        }
-        body.extend_from_slice(&extra);
-        let mut whole = publish_header(body.len(), correlation);
-        whole.extend_from_slice(&body);
+        let whole = altered(&frame, correlation, publish_header, change, cut, &extra);
         borrowed_publish_agrees(&whole)?;
-        for len in [0, 1, switchboard_protocol::HEADER_BYTES - 1, switchboard_protocol::HEADER_BYTES, whole.len() - 1] {
-            borrowed_publish_agrees(&whole[..len.min(whole.len())])?;
+        for prefix in prefixes(&whole) {
+            borrowed_publish_agrees(prefix)?;
         }
     }
 
