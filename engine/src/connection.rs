@@ -31,6 +31,9 @@ const TOKEN_EXPIRY_TIMER_MAX: Duration = Duration::from_secs(100 * 365 * 24 * 36
 /// make the decoder reserve `frame_body_bytes_max` (1 MiB) per connection by sending a header.
 const HANDSHAKE_BODY_BYTES_MAX: u32 = (switchboard_protocol::limits::TOKEN_BYTES_MAX + switchboard_protocol::limits::ID_BYTES_MAX + 64) as u32;
 
+/// The ERROR message for a request naming no session.
+const EMPTY_SESSION: &str = "session id must not be empty";
+
 /// Bytes read from the socket per call.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -180,10 +183,7 @@ impl Reader {
         let Ok(publish) = PublishRef::decode_body(body) else { return false };
         let shard = &*self.shard;
         let key = KeyRef { tenant: &self.tenant, session: publish.session };
-        if publish.session.is_empty()
-            || publish.payload.len() > shard.config.limits.payload_bytes_max as usize
-            || key.shard(shard.shards) != shard.index
-        {
+        if self.publish_fault(publish.session, publish.payload.len()).is_some() || key.shard(shard.shards) != shard.index {
             return false;
         }
         phase::lap(Phase::Decode, decode_started);
@@ -322,11 +322,8 @@ impl Reader {
             }
             Frame::Unsubscribe(unsubscribe) => shard.unsubscribe(conn, correlation, &self.key(&unsubscribe.session)),
             Frame::Publish(publish) => {
-                if let Some(flow) = self.refuse_empty(correlation, &publish.session) {
-                    return flow;
-                }
-                if publish.payload.len() > shard.config.limits.payload_bytes_max as usize {
-                    shard.fail_request(conn, correlation, ErrorCode::LimitExceeded, "payload larger than payload_bytes_max");
+                if let Some((code, message)) = self.publish_fault(&publish.session, publish.payload.len()) {
+                    shard.fail_request(conn, correlation, code, message);
                     return Flow::Continue;
                 }
                 if !self.admit(correlation, Limited::Publishes, publish.payload.len() as u64)
@@ -496,9 +493,22 @@ impl Reader {
 
     fn refuse_empty(&self, correlation: u32, session: &Text) -> Option<Flow> {
         if session.is_empty() {
-            self.shard.fail_request(self.conn, correlation, ErrorCode::BadRequest, "session id must not be empty");
+            self.shard.fail_request(self.conn, correlation, ErrorCode::BadRequest, EMPTY_SESSION);
             return Some(Flow::Continue);
         }
         None
+    }
+
+    /// What is wrong with a PUBLISH on its face (before rate, desk or session look at it).
+    /// Both the in-place and the general path ask here, so they accept exactly the same
+    /// frames; the in-place path leaves a faulty one to the general path to answer.
+    fn publish_fault(&self, session: &str, payload_bytes: usize) -> Option<(ErrorCode, &'static str)> {
+        if session.is_empty() {
+            Some((ErrorCode::BadRequest, EMPTY_SESSION))
+        } else if payload_bytes > self.shard.config.limits.payload_bytes_max as usize {
+            Some((ErrorCode::LimitExceeded, "payload larger than payload_bytes_max"))
+        } else {
+            None
+        }
     }
 }

@@ -45,6 +45,26 @@ fn before_welcome_only_a_hello_sized_frame_is_accepted() {
     engine.shutdown();
 }
 
+/// A PUBLISH with no session or too large a payload is answered with ERROR and nothing else
+/// happens: the same answer whether its session would live on this shard (where a PUBLISH is
+/// handled in place) or on another, and the connection goes on publishing.
+#[test]
+fn faulty_publishes_are_refused_alike_on_every_shard_and_the_connection_carries_on() {
+    for shards in [1, 3] {
+        let mut config = test_config(shards);
+        config.limits.payload_bytes_max = 1024;
+        let engine = start(config);
+        let mut raw = Raw::handshake(engine.data_addr());
+        for session in ["s0", "s1", "s2", "s3", "s4", "s5"] {
+            raw.refused(&Raw::publish_frame(session, "a", 0, &[7u8; 1025]), ErrorCode::LimitExceeded);
+            raw.refused(&Raw::publish_frame("", "a", 0, b"x"), ErrorCode::BadRequest);
+            let ack = raw.publish(session, 0, &[7u8; 1024]);
+            assert_eq!(ack.seq, 1, "{shards} shards, {session}: only the valid publish got a seq");
+        }
+        engine.shutdown();
+    }
+}
+
 #[test]
 fn malformed_truncated_oversize_and_out_of_order_frames_close_only_their_connection() {
     for shards in [1, 3] {
