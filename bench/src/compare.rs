@@ -68,7 +68,7 @@ impl ServerSpec {
         };
         // The pub/sub peers keep nothing (NATS core, Redis pub/sub): unless told otherwise (the
         // durable suite passes its own `--durability`), the engine runs memory-only too.
-        if self.name == "switchboard" && !self.extra_args.iter().any(|a| a == "--durability") {
+        if self.name == SWITCHBOARD && !self.extra_args.iter().any(|a| a == "--durability") {
             args.extend(["--durability".to_string(), "none".to_string()]);
         }
         args.extend(self.extra_args.iter().cloned());
@@ -215,7 +215,32 @@ pub struct Comparison {
     pub runs: Vec<RunRecord>,
     /// Medians.
     pub summary: Vec<Summary>,
+    /// Switchboard against each peer, repetition by repetition.
+    #[serde(default)]
+    pub pairs: Vec<PairCount>,
 }
+
+/// How often Switchboard beat one peer in the runs of the same repetition (which ran back to
+/// back, so they shared the machine's state): the medians alone hide whether a lead is steady
+/// or carried by a few runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairCount {
+    /// Case name.
+    pub case: String,
+    /// The peer (`nats`, `redis`, `floor`).
+    pub peer: String,
+    /// Repetitions in which both produced a report with the server's CPU.
+    pub pairs: u32,
+    /// Of those, Switchboard's p99 was lower.
+    pub p99_lower: u32,
+    /// Switchboard's CPU per delivery was lower.
+    pub cpu_lower: u32,
+    /// Both were lower.
+    pub both_lower: u32,
+}
+
+/// Name of our server in the comparison.
+pub const SWITCHBOARD: &str = "switchboard";
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -295,6 +320,39 @@ pub fn summarize(cases: &[CaseSpec], servers: &[ServerSpec], runs: &[RunRecord])
     out
 }
 
+/// Switchboard against every other server, per case, repetition by repetition.
+pub fn pairs(cases: &[CaseSpec], servers: &[ServerSpec], runs: &[RunRecord]) -> Vec<PairCount> {
+    let valid = |case: &str, server: &str, rep: u32| {
+        runs.iter()
+            .find(|r| r.case == case && r.server == server && r.rep == rep && r.error.is_none())
+            .and_then(|r| r.report.as_ref())
+            .and_then(|r| Some((r.latency_us.p99, r.server.as_ref()?.cpu_ns_per_delivery?)))
+    };
+    let mut out = Vec::new();
+    if !servers.iter().any(|s| s.name == SWITCHBOARD) {
+        return out;
+    }
+    for c in cases {
+        for peer in servers.iter().filter(|s| s.name != SWITCHBOARD) {
+            let mut count = PairCount { case: c.name.clone(), peer: peer.name.clone(), ..PairCount::default() };
+            let reps = runs.iter().filter(|r| r.case == c.name && r.server == SWITCHBOARD).map(|r| r.rep);
+            for rep in reps {
+                let (Some((our_p99, our_cpu)), Some((their_p99, their_cpu))) = (valid(&c.name, SWITCHBOARD, rep), valid(&c.name, &peer.name, rep)) else {
+                    continue;
+                };
+                count.pairs += 1;
+                count.p99_lower += u32::from(our_p99 < their_p99);
+                count.cpu_lower += u32::from(our_cpu < their_cpu);
+                count.both_lower += u32::from(our_p99 < their_p99 && our_cpu < their_cpu);
+            }
+            if count.pairs > 0 {
+                out.push(count);
+            }
+        }
+    }
+    out
+}
+
 fn fx(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.2}×"))
 }
@@ -345,6 +403,12 @@ pub fn table(c: &Comparison) -> String {
         );
         if s.other_cores > 0.15 {
             let _ = writeln!(o, "{:<23}  ^ noisy: other processes used {:.2} cores (median) during these runs", "", s.other_cores);
+        }
+    }
+    if !c.pairs.is_empty() {
+        let _ = writeln!(o, "\nSwitchboard lower than the peer, repetition by repetition (p99 / CPU per delivery / both):");
+        for p in &c.pairs {
+            let _ = writeln!(o, "{:<11}vs {:<9}{:>3}/{} {:>3}/{} {:>3}/{}", p.case, p.peer, p.p99_lower, p.pairs, p.cpu_lower, p.pairs, p.both_lower, p.pairs);
         }
     }
     for (name, why) in &c.skipped {
@@ -542,6 +606,26 @@ mod tests {
         assert_eq!(r.deliveries_vs_nats, Some(2.0));
         assert_eq!(r.cpu_vs_nats, Some(0.5));
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn pairs_count_repetitions_where_switchboard_was_lower() {
+        let (_, cases, _) = matrix(true);
+        let servers: Vec<ServerSpec> = ["nats", SWITCHBOARD].iter().map(|n| ServerSpec::new(n, PathBuf::new())).collect();
+        let c = &cases[0].name;
+        let mut runs = Vec::new();
+        // (ours p99, ours cpu, theirs p99, theirs cpu): lower on both, on p99 only, on CPU only, tied.
+        for (i, (p, cpu, tp, tcpu)) in [(1.0, 1.0, 2.0, 2.0), (1.0, 3.0, 2.0, 2.0), (3.0, 1.0, 2.0, 2.0), (2.0, 2.0, 2.0, 2.0)].into_iter().enumerate() {
+            runs.push(RunRecord { case: c.clone(), server: SWITCHBOARD.into(), rep: i as u32, report: Some(rep(p, 1.0, cpu)), error: None });
+            runs.push(RunRecord { case: c.clone(), server: "nats".into(), rep: i as u32, report: Some(rep(tp, 1.0, tcpu)), error: None });
+        }
+        // A repetition the peer failed is not a pair.
+        runs.push(RunRecord { case: c.clone(), server: SWITCHBOARD.into(), rep: 4, report: Some(rep(1.0, 1.0, 1.0)), error: None });
+        runs.push(RunRecord { case: c.clone(), server: "nats".into(), rep: 4, report: Some(rep(9.0, 1.0, 9.0)), error: Some("x".into()) });
+        let p = pairs(&cases, &servers, &runs);
+        let nats = p.iter().find(|p| &p.case == c && p.peer == "nats").unwrap();
+        assert_eq!((nats.pairs, nats.p99_lower, nats.cpu_lower, nats.both_lower), (4, 2, 2, 1));
+        assert!(p.iter().all(|p| p.peer != SWITCHBOARD));
     }
 
     #[test]

@@ -126,6 +126,7 @@ fn main() {
         }
     }
     let summary = compare::summarize(&cases, &servers, &runs);
+    let pairs = compare::pairs(&cases, &servers, &runs);
     let c = Comparison {
         host,
         quick: a.quick,
@@ -138,6 +139,7 @@ fn main() {
         generator_cpu: gen_cpu,
         runs,
         summary,
+        pairs,
     };
     let table = compare::table(&c);
     println!("\n{table}");
