@@ -46,7 +46,7 @@ impl SessionKey {
     /// A key whose session id owns its memory (so it does not pin a read buffer). The tenant
     /// is shared as is: connections hold one tenant `Text` each, never a read-buffer slice.
     pub fn owned(tenant: &Text, session: &Text) -> SessionKey {
-        SessionKey { tenant: tenant.clone(), session: Text::from(session.as_str()) }
+        KeyRef { tenant, session: session.as_str() }.to_owned_key()
     }
 
     /// The shard that owns this session (see [`KeyRef::shard`]).

@@ -1361,10 +1361,9 @@ impl Shard {
         let copy = frame.len() <= self.config.uring.fanout_copy_bytes_max;
         for &LocalConn { conn, slot } in &conns {
             let queued = if copy {
-                self.sender.enqueue_gathered(slot, frame, || self.gather_lease()).and_then(|gathered| match gathered {
-                    true => Ok(()),
-                    false => self.sender.enqueue(slot, out.clone()),
-                })
+                self.sender
+                    .enqueue_gathered(slot, frame, || self.gather_lease())
+                    .and_then(|gathered| if gathered { Ok(()) } else { self.sender.enqueue(slot, out.clone()) })
             } else {
                 self.sender.enqueue(slot, out.clone())
             };

@@ -513,6 +513,15 @@ fn prefixes(whole: &[u8]) -> impl Iterator<Item = &[u8]> {
     [0, 1, switchboard_protocol::HEADER_BYTES - 1, switchboard_protocol::HEADER_BYTES, whole.len() - 1].into_iter().map(|len| &whole[..len.min(whole.len())])
 }
 
+/// `agrees` on `whole` and on each of its [`prefixes`] (incomplete frames are `None` both ways).
+fn agrees_with_prefixes(whole: &[u8], agrees: fn(&[u8]) -> Result<(), TestCaseError>) -> Result<(), TestCaseError> {
+    agrees(whole)?;
+    for prefix in prefixes(whole) {
+        agrees(prefix)?;
+    }
+    Ok(())
+}
+
 /// A DELIVER header for a body of `body_bytes`.
 fn deliver_header(body_bytes: usize, correlation: u32) -> Vec<u8> {
     let mut header = Vec::new();
@@ -539,11 +548,7 @@ proptest! {
         extra in vec(any::<u8>(), 0..3),
     ) {
         let whole = altered(&frame, correlation, deliver_header, change, cut, &extra);
-        borrowed_decode_agrees(&whole)?;
-        // And every prefix of it: incomplete frames are `None` both ways.
-        for prefix in prefixes(&whole) {
-            borrowed_decode_agrees(prefix)?;
-        }
+        agrees_with_prefixes(&whole, borrowed_decode_agrees)?;
     }
 
     /// Arbitrary bodies under a DELIVER header, and arbitrary bytes as a whole frame.
@@ -602,10 +607,7 @@ proptest! {
         extra in vec(any::<u8>(), 0..3),
     ) {
         let whole = altered(&frame, correlation, publish_header, change, cut, &extra);
-        borrowed_publish_agrees(&whole)?;
-        for prefix in prefixes(&whole) {
-            borrowed_publish_agrees(prefix)?;
-        }
+        agrees_with_prefixes(&whole, borrowed_publish_agrees)?;
     }
 
     /// Arbitrary bodies under a PUBLISH header.
